@@ -1,0 +1,115 @@
+"""The one entry point: python launch.py <command> ...
+
+  train       --config experiments/configs/NAME.py --workdir DIR [--config.model.d_model=256 ...]
+  quickstart  [--workdir DIR] [--config.KEY=VALUE ...]     the main job on the embedded corpus
+  sample      WORKDIR [--prompt TEXT] [--n 4] [--temperature 0.8] [--top-k K] [--top-p P] [--greedy]
+  inspect     WORKDIR [--samples 3] [--step N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+QUICKSTART = ROOT / "experiments" / "configs" / "quickstart.py"
+
+
+def _config(path: str | Path, overrides: list[str]):
+    from toyjax import config as config_lib
+
+    return config_lib.apply_overrides(config_lib.load_config_file(path), overrides)
+
+
+def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    overrides = [a for a in argv if a.startswith("--config.")]
+    return [a for a in argv if not a.startswith("--config.")], overrides
+
+
+def cmd_train(argv: list[str]) -> None:
+    rest, overrides = _split_overrides(argv)
+    parser = argparse.ArgumentParser(prog="launch.py train")
+    parser.add_argument("--config", required=True, help="a config file, e.g. experiments/configs/quickstart.py")
+    parser.add_argument("--workdir", required=True, help="where checkpoints, metrics and samples go (resumes if present)")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(rest)
+    from toyjax import train
+
+    train.run(_config(args.config, overrides), args.workdir, quiet=args.quiet)
+
+
+def cmd_quickstart(argv: list[str]) -> None:
+    rest, overrides = _split_overrides(argv)
+    parser = argparse.ArgumentParser(prog="launch.py quickstart")
+    parser.add_argument("--workdir", default="runs/quickstart")
+    args = parser.parse_args(rest)
+    from toyjax import train
+
+    result = train.run(_config(QUICKSTART, overrides), args.workdir)
+    print(f"quickstart: valid perplexity {result['ppl']:.3f}, accuracy {result['accuracy']:.3f}; "
+          f"checkpoint, metrics.jsonl, samples.txt and loss.png are in {args.workdir}")
+
+
+def cmd_sample(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="launch.py sample")
+    parser.add_argument("workdir")
+    parser.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
+    parser.add_argument("--n", type=int, default=4)
+    parser.add_argument("--length", type=int, default=0, help="total tokens, prompt included (default: model.max_len)")
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--greedy", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--step", type=int, default=None)
+    args = parser.parse_args(argv)
+    import jax
+
+    from toyjax import load_run
+    from toyjax.sample import cut_at_eos, sample
+
+    run = load_run(args.workdir, args.step)
+    prompt = [run.tokenizer.eos_id] + run.tokenizer.encode(args.prompt)
+    tokens = sample(run.model, run.params, prompt, n=args.n, length=args.length or None, key=jax.random.key(args.seed),
+                    greedy=args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    for row in cut_at_eos(tokens, run.tokenizer.eos_id, skip=1):
+        print(run.tokenizer.decode(row), end="\n\n")
+
+
+def cmd_inspect(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="launch.py inspect")
+    parser.add_argument("workdir")
+    parser.add_argument("--samples", type=int, default=3)
+    parser.add_argument("--step", type=int, default=None)
+    args = parser.parse_args(argv)
+    from toyjax.report import describe_run
+
+    print(describe_run(args.workdir, n_samples=args.samples, step=args.step))
+
+
+COMMANDS = {"train": cmd_train, "quickstart": cmd_quickstart, "sample": cmd_sample, "inspect": cmd_inspect}
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__)
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"unknown command {argv[0]!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
+            return 2
+        return 0
+    from toyjax.checkpoints import CheckpointError
+    from toyjax.config import ConfigError
+    from toyjax.data.text import CorpusError
+    from toyjax.train import NonFiniteLossError
+
+    try:
+        COMMANDS[argv[0]](argv[1:])
+    except (ConfigError, CorpusError, CheckpointError, NonFiniteLossError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

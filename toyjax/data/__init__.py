@@ -1,0 +1,1 @@
+"""Corpora (embedded stories, text files, optional HF datasets), token streams and batches."""

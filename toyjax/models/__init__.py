@@ -1,0 +1,1 @@
+"""Toy decoders and BERT, with pluggable attention and feed-forward parts."""

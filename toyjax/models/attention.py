@@ -1,0 +1,51 @@
+"""Attention kinds as pure functions over [batch, length, heads, head_dim] arrays, registered by name."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from toyjax.models.registry import register_attention
+
+
+def causal_mask(q_len: int, k_len: int) -> jax.Array:
+    """Returns [q_len, k_len] booleans, True where query i may see key j (j <= i, aligned at the end)."""
+    return jnp.arange(k_len)[None, :] <= jnp.arange(q_len)[:, None] + (k_len - q_len)
+
+
+def attention_weights(q, k, *, causal: bool = True) -> jax.Array:
+    """Returns softmax attention probabilities [batch, heads, q_len, k_len] in float32."""
+    scale = q.shape[-1] ** -0.5
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    if causal:
+        scores = jnp.where(causal_mask(q.shape[1], k.shape[1]), scores, -jnp.inf)
+    return jax.nn.softmax(scores, axis=-1)
+
+
+def dense_attention(q, k, v, *, causal: bool = True, return_weights: bool = False):
+    """Returns softmax(q k^T / sqrt(d)) v, shaped like q (and the weights if asked)."""
+    weights = attention_weights(q, k, causal=causal)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
+    return (out, weights) if return_weights else out
+
+
+@register_attention("dense")
+def _dense(q, k, v, *, causal, cfg):
+    out, weights = dense_attention(q, k, v, causal=causal, return_weights=True)
+    return out, {"attention_weights": weights}
+
+
+def apply_rotary(x, positions, base: float = 10_000.0):
+    """Rotates pairs of features of x [batch, length, heads, head_dim] by position-dependent angles (RoPE)."""
+    half = x.shape[-1] // 2
+    freqs = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles = positions[:, :, None, None].astype(jnp.float32) * freqs  # [batch, length, 1, half]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x.dtype)
+
+
+try:  # top-k attention registers itself on import (it lives in its own module)
+    from toyjax.models import topk_attention  # noqa: F401,E402
+except ImportError:  # pragma: no cover
+    pass

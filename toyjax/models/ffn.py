@@ -1,0 +1,20 @@
+"""The dense feed-forward kind: Dense -> GELU -> Dense."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from toyjax.config import ModelConfig
+from toyjax.models.registry import register_ffn
+
+
+@register_ffn("dense")
+class DenseFFN(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, *, deterministic: bool = True):
+        dtype = jnp.dtype(self.cfg.dtype)
+        h = nn.Dense(self.cfg.d_ff, dtype=dtype, name="up")(x)
+        return nn.Dense(self.cfg.d_model, dtype=dtype, name="down")(nn.gelu(h))

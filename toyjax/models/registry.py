@@ -1,0 +1,59 @@
+"""Registries of pluggable decoder parts, chosen by name in the config (`model.attention`, `model.ffn`).
+
+Attention kind: a pure function
+    fn(q, k, v, *, causal: bool, cfg: ModelConfig) -> (out, extras)
+with q, k, v and out shaped [batch, length, heads, head_dim] (q and k already carry their positions) and
+extras a dict of arrays the decoder sows into the 'intermediates' collection (e.g. top-k indices), maybe empty.
+
+Feed-forward kind: a linen Module class, built as Kind(cfg=model_cfg) and called as
+    module(x, *, deterministic: bool) -> y        # x, y: [batch, length, d_model]
+It may sow scalars into 'aux_loss' (the trainer adds every leaf to the loss) and into 'metrics'
+(the trainer averages and logs them), and draw randomness with self.make_rng('noise') when not deterministic.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+ATTENTION: dict[str, Callable] = {}
+FFN: dict[str, type] = {}
+
+
+def register_attention(name: str):
+    def wrap(fn):
+        ATTENTION[name] = fn
+        return fn
+
+    return wrap
+
+
+def register_ffn(name: str):
+    def wrap(cls):
+        FFN[name] = cls
+        return cls
+
+    return wrap
+
+
+def _lookup(table: dict, name: str, what: str):
+    # Importing the modules that register kinds fills the tables; done lazily to keep import order free.
+    import importlib
+
+    for module in ("attention", "ffn", "moe"):
+        try:
+            importlib.import_module(f"toyjax.models.{module}")
+        except ModuleNotFoundError as err:
+            if err.name != f"toyjax.models.{module}":
+                raise
+
+    if name not in table:
+        raise ValueError(f"unknown {what} '{name}'; registered: {', '.join(sorted(table))}")
+    return table[name]
+
+
+def get_attention(name: str) -> Callable:
+    return _lookup(ATTENTION, name, "model.attention")
+
+
+def get_ffn(name: str) -> type:
+    return _lookup(FFN, name, "model.ffn")

@@ -1,0 +1,228 @@
+"""Training: a pure, jitted train step (AdamW, warm-up + cosine, clipping) and a loop that resumes from its workdir.
+
+The step is `train_step(params, opt_state, batch, key) -> (params, opt_state, metrics)`: arrays in, arrays out,
+no Python state, so a device mesh can wrap it unchanged (jax.jit with in/out shardings). Batches depend only on
+(train.seed, step) and the step's randomness on fold_in(seed, step), so a resumed run repeats the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from toyjax.checkpoints import Checkpoints
+from toyjax.config import Config, TrainConfig
+from toyjax.models.decoder import Decoder
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or gradients became NaN or inf; the run stopped before saving anything non-finite."""
+
+
+# -- losses and the step ------------------------------------------------------------------------------------
+
+
+def cross_entropy(logits, targets, valid_mask=None):
+    """Returns per-token negative log-likelihood [batch, length]; with valid_mask only valid tokens compete."""
+    if valid_mask is not None:
+        logits = jnp.where(valid_mask, logits, -1e9)
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+
+
+def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
+    return optax.warmup_cosine_decay_schedule(
+        0.0, cfg.learning_rate, max(cfg.warmup_steps, 1), max(cfg.steps, cfg.warmup_steps + 1),
+        end_value=cfg.learning_rate * cfg.min_lr_ratio)
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    schedule = learning_rate_schedule(cfg)
+    # Decay matrices only: biases, LayerNorm scales and (1-D) gains keep their values.
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
+    # grad_clip <= 0 disables clipping but keeps the same optimizer-state structure, so runs stay resumable.
+    clip = optax.clip_by_global_norm(cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    return optax.chain(clip, optax.adamw(schedule, b1=0.9, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask))
+
+
+def model_inputs(batch, grammar):
+    """Returns (valid_mask, state_features) for a batch: both None without grammar tables."""
+    if grammar is None or "grammar_state" not in batch:
+        return None, None
+    state = batch["grammar_state"]
+    return grammar.valid[state], grammar.features[state]
+
+
+def make_loss_fn(model: Decoder, cfg: Config, grammar=None) -> Callable:
+    """Returns loss_fn(params, batch, rngs) -> (loss, metrics) for training (dropout and router noise on)."""
+    use_valid_subset = cfg.train.loss == "valid_subset"
+    if cfg.train.loss not in ("full", "valid_subset"):
+        raise ValueError(f"train.loss must be 'full' or 'valid_subset', got {cfg.train.loss!r}")
+    if use_valid_subset and grammar is None:
+        raise ValueError("train.loss='valid_subset' needs a grammar (data.source 'structured' or 'mixed')")
+
+    def loss_fn(params, batch, rngs):
+        valid_mask, features = model_inputs(batch, grammar)
+        logits, side = model.apply({"params": params}, batch["inputs"], state_features=features,
+                                   deterministic=False, rngs=rngs, mutable=["aux_loss", "metrics"])
+        nll = cross_entropy(logits, batch["targets"], valid_mask if use_valid_subset else None)
+        aux = sum(jnp.sum(x) for x in jax.tree.leaves(side.get("aux_loss", {})))
+        metrics = {"loss": nll.mean(), "accuracy": (logits.argmax(-1) == batch["targets"]).mean(),
+                   "aux_loss": jnp.asarray(aux, jnp.float32)}
+        metrics.update(_flat_metrics(side.get("metrics", {})))
+        return nll.mean() + aux, metrics
+
+    return loss_fn
+
+
+def _flat_metrics(tree) -> dict:
+    out = {}
+    for path, value in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+        out[name] = jnp.mean(value)
+    return out
+
+
+def make_train_step(model: Decoder, cfg: Config, tx: optax.GradientTransformation, grammar=None) -> Callable:
+    """Returns the pure train step (not yet jitted)."""
+    loss_fn = make_loss_fn(model, cfg, grammar)
+
+    def train_step(params, opt_state, batch, key):
+        dropout_key, noise_key = jax.random.split(key)
+        grads, metrics = jax.grad(loss_fn, has_aux=True)(params, batch, {"dropout": dropout_key, "noise": noise_key})
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        metrics["finite"] = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+        return params, opt_state, metrics
+
+    return train_step
+
+
+def make_eval_step(model: Decoder, cfg: Config, grammar=None) -> Callable:
+    """Returns eval_step(params, batch) -> summed nll, correct and token counts (deterministic)."""
+    def eval_step(params, batch):
+        valid_mask, features = model_inputs(batch, grammar)
+        logits = model.apply({"params": params}, batch["inputs"], state_features=features, deterministic=True)
+        restrict = valid_mask if cfg.train.loss == "valid_subset" else None
+        nll = cross_entropy(logits, batch["targets"], restrict)
+        if restrict is not None:
+            logits = jnp.where(restrict, logits, -jnp.inf)
+        correct = logits.argmax(-1) == batch["targets"]
+        return {"nll": nll.sum(), "correct": correct.sum(), "tokens": jnp.asarray(nll.size, jnp.float32)}
+
+    return eval_step
+
+
+def init_params(model: Decoder, cfg: Config):
+    dummy = jnp.zeros((1, cfg.model.max_len), jnp.int32)
+    features = None
+    if cfg.model.grammar_state_embedding:
+        features = jnp.zeros((1, cfg.model.max_len, len(cfg.model.grammar_feature_sizes)), jnp.int32)
+    return model.init(jax.random.key(cfg.train.seed), dummy, state_features=features)["params"]
+
+
+def step_key(seed: int, step: int) -> jax.Array:
+    return jax.random.fold_in(jax.random.key(seed), step)
+
+
+def evaluate(eval_step, params, batches) -> dict:
+    totals = {"nll": 0.0, "correct": 0.0, "tokens": 0.0}
+    for batch in batches:
+        out = jax.device_get(eval_step(params, batch))
+        totals = {k: totals[k] + float(out[k]) for k in totals}
+    loss = totals["nll"] / max(totals["tokens"], 1)
+    return {"loss": loss, "ppl": float(np.exp(min(loss, 50))), "accuracy": totals["correct"] / max(totals["tokens"], 1),
+            "nll_sum": totals["nll"], "tokens": totals["tokens"]}
+
+
+# -- the loop -------------------------------------------------------------------------------------------------
+
+
+def run(cfg: Config, workdir: str | Path, *, quiet: bool = False, until: int | None = None) -> dict:
+    """Trains (resuming from workdir if it holds a run) and returns the final validation metrics.
+
+    until: stop (with a checkpoint) after this step, as a pre-empted job would; the next call resumes there.
+    """
+    from toyjax import runs  # the workdir layout: tokenizer, data, samples, plots
+
+    workdir = Path(workdir)
+    cfg, tokenizer, streams, grammar = runs.prepare(cfg, workdir, quiet=quiet)
+    model = Decoder(cfg.model)
+    tx = make_optimizer(cfg.train)
+    train_step = jax.jit(make_train_step(model, cfg, tx, grammar), donate_argnums=(0, 1))
+    eval_step = jax.jit(make_eval_step(model, cfg, grammar))
+    train_stream, valid_stream = streams
+    length, batch_size = cfg.model.max_len, cfg.train.batch_size
+    valid_batches = valid_stream.eval_batches(cfg.train.eval_batches, batch_size=batch_size, length=length)
+
+    params = init_params(model, cfg)
+    opt_state = tx.init(params)
+    checkpoints = Checkpoints(workdir / "checkpoints", keep=cfg.train.keep_checkpoints)
+    start = 0
+    if checkpoints.latest_step() is not None:
+        start, params, opt_state, _ = checkpoints.restore(params_like=params, opt_state_like=opt_state)
+        runs.log(f"resuming from step {start} in {workdir}", quiet)
+    metrics_file = open(workdir / "metrics.jsonl", "a")
+    last_good = checkpoints.latest_step()
+    all_finite = jnp.asarray(True)
+    log_since, log_time = start, time.perf_counter()
+    pending = []
+    progress = runs.progress(start, cfg.train.steps, quiet)
+    result = {}
+    stop = min(cfg.train.steps, until) if until is not None else cfg.train.steps
+    try:
+        for step in range(start, stop):
+            batch = train_stream.batch(step, seed=cfg.train.seed, batch_size=batch_size, length=length)
+            params, opt_state, metrics = train_step(params, opt_state, batch, step_key(cfg.train.seed, step))
+            all_finite = all_finite & metrics["finite"]
+            pending.append(metrics)
+            done = step + 1
+            progress.update(1)
+            if done % cfg.train.log_every == 0 or done == stop:
+                _check_finite(all_finite, log_since, done, last_good, checkpoints)
+                now = time.perf_counter()
+                record = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]}
+                record.pop("finite")
+                record.update(step=done, split="train", lr=float(learning_rate_schedule(cfg.train)(done)),
+                              tokens_per_s=(done - log_since) * batch_size * length / (now - log_time))
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+                progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                pending, log_since, log_time = [], done, time.perf_counter()
+            if done % cfg.train.eval_every == 0 or done == cfg.train.steps:
+                result = evaluate(eval_step, params, valid_batches)
+                metrics_file.write(json.dumps({"step": done, "split": "valid", **result}) + "\n")
+                metrics_file.flush()
+                log_time = time.perf_counter()  # keep evaluation out of the throughput figure
+            if done % cfg.train.checkpoint_every == 0 or done == stop:
+                _check_finite(all_finite, log_since, done, last_good, checkpoints)
+                checkpoints.save(done, params, opt_state, {"config": cfg.to_dict()})
+                last_good = done
+    finally:
+        progress.close()
+        metrics_file.close()
+    if not result:  # nothing left to train: report the restored model
+        result = evaluate(eval_step, params, valid_batches)
+    result["step"] = max(stop, start)
+    if stop < cfg.train.steps:
+        return result
+    result["tokens_per_s"] = runs.mean_throughput(workdir)
+    runs.finish(cfg, workdir, model, params, tokenizer, grammar, result, quiet=quiet)
+    return result
+
+
+def _check_finite(all_finite, since: int, now: int, last_good, checkpoints: Checkpoints) -> None:
+    if bool(jax.device_get(all_finite)):
+        return
+    where = f"step {last_good} in {checkpoints.directory}" if last_good is not None else "none (no step was saved)"
+    raise NonFiniteLossError(
+        f"the loss or gradients became NaN/inf between steps {since} and {now}; training stopped without saving. "
+        f"Last good checkpoint: {where}. Try a lower train.learning_rate or train.grad_clip > 0.")
+
