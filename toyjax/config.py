@@ -31,7 +31,7 @@ class DataConfig:
 @dataclasses.dataclass
 class TokenizerConfig:
     kind: str = "topword"  # "topword" or "phrase"
-    vocab_size: int = 1024  # specials + top words (+ phrases for kind="phrase")
+    vocab_size: int = 1024  # specials + top words (the base vocabulary for kind="phrase")
     lowercase: bool = True
     simplify: str = "nearest"  # "unk", "nearest", "contextual"
     phrase_vocab_size: int = 0  # kind="phrase": phrases added on top of the top words

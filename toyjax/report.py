@@ -33,8 +33,8 @@ def describe_run(workdir: str | Path, *, n_samples: int = 3, step: int | None = 
         out += [f"  {section}.{k}: " + ", ".join(f"{a}={b}" for a, b in v.items())
                 for k, v in values.items() if isinstance(v, dict)]
     out += ["", f"tokenizer: {run.tokenizer!r}"]
-    stats = getattr(run.tokenizer, "stats", None)
-    if stats:
+    stats = getattr(run.tokenizer, "fit_stats", None) or getattr(run.tokenizer, "stats", None)
+    if isinstance(stats, dict):
         out.append("  " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in stats.items()))
     out += ["", "parameters:"] + parameter_table(run.params)
     metrics = read_metrics(workdir)

@@ -55,7 +55,7 @@ def fit_tokenizer(cfg: TokenizerConfig, texts: list[str]):
     if cfg.kind == "phrase":
         from toyjax.tokenizers import PhraseTokenizer
 
-        return PhraseTokenizer.fit(texts, base=base, vocab_size=cfg.phrase_vocab_size)
+        return PhraseTokenizer.fit(texts, base=base, n_phrases=cfg.phrase_vocab_size)
     raise ValueError(f"unknown tokenizer.kind {cfg.kind!r}; choose 'topword' or 'phrase'")
 
 

@@ -1,0 +1,157 @@
+"""Word tokens vs phrase tokens under the same decoder budget: bits per word, words/s, samples, readable tokens.
+
+    python experiments/phrase_tokens.py --workdir runs/phrase_tokens [--config.train.steps=1000 ...]
+
+Both arms use the config in experiments/configs/phrase_tokens.py (model, steps, batch and context length in
+tokens identical); the word arm sets tokenizer.kind="topword". The top-word base is fitted once on the training
+documents and shared, so both arms see exactly the same simplified words and differ only in phrase merging.
+
+Bits per word = (summed validation NLL in nats) / (words in the scored targets) / ln 2, with words counted as
+top-word tokens (punctuation included, <eos> excluded) by toyjax.tokenizers.phrases.count_words. The NLL is
+summed over the whole validation split, tiled into consecutive windows of model.max_len tokens (so a phrase window
+holds more words of context: that is part of what phrases buy). Writes WORKDIR/summary.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from toyjax import config as config_lib  # noqa: E402
+from toyjax import load_run, train  # noqa: E402
+from toyjax.data import pipeline  # noqa: E402
+from toyjax.tokenizers import PhraseTokenizer, TopWordTokenizer, load_tokenizer  # noqa: E402
+from toyjax.tokenizers.phrases import bits_per_word, count_words  # noqa: E402
+
+CONFIG = ROOT / "experiments" / "configs" / "phrase_tokens.py"
+
+
+def fit_tokenizers(cfg, train_docs, workdir: Path):
+    """Returns (word tokenizer, phrase tokenizer), fitted once and saved where train.run will load them."""
+    word_dir, phrase_dir = workdir / "word" / "tokenizer", workdir / "phrase" / "tokenizer"
+    if (word_dir / "toyjax_tokenizer.json").is_file() and (phrase_dir / "toyjax_tokenizer.json").is_file():
+        return load_tokenizer(word_dir), load_tokenizer(phrase_dir)
+    start = time.perf_counter()
+    base = TopWordTokenizer.fit(train_docs, vocab_size=cfg.tokenizer.vocab_size, lowercase=cfg.tokenizer.lowercase,
+                                simplify=cfg.tokenizer.simplify)
+    fitted = time.perf_counter()
+    phrases = PhraseTokenizer.fit(train_docs, base=base, n_phrases=cfg.tokenizer.phrase_vocab_size)
+    print(f"fitted top words in {fitted - start:.1f}s and {len(phrases.merges)} phrases in "
+          f"{time.perf_counter() - fitted:.1f}s", flush=True)
+    base.save(word_dir)
+    phrases.save(phrase_dir)
+    return base, phrases
+
+
+def validation_nll(run, stream: pipeline.TokenStream, batch_size: int = 32) -> tuple[float, int, int]:
+    """Returns (summed NLL in nats, scored tokens, scored words) over consecutive max_len windows of the stream."""
+    length = run.config.model.max_len
+    n_windows = (len(stream.tokens) - 1) // length
+    starts = np.arange(n_windows) * length
+    index = starts[:, None] + np.arange(length + 1)[None, :]
+    windows = stream.tokens[index]  # [n_windows, length + 1]
+
+    @jax.jit
+    def nll_of(inputs, targets):
+        logits = run.model.apply({"params": run.params}, inputs, deterministic=True)
+        return train.cross_entropy(logits, targets)
+
+    total = 0.0
+    for i in range(0, n_windows, batch_size):
+        chunk = windows[i:i + batch_size]
+        if len(chunk) < batch_size:  # keep one compiled shape: pad the batch, drop the padding's loss
+            padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - len(chunk), 0)])
+        else:
+            padded = chunk
+        nll = np.asarray(jax.device_get(nll_of(padded[:, :-1], padded[:, 1:])), np.float64)[: len(chunk)]
+        total += float(nll.sum())
+    targets = windows[:, 1:].reshape(-1)
+    return total, int(targets.size), count_words(run.tokenizer, targets)
+
+
+def describe(name: str, cfg, workdir: Path, result: dict, train_stream, valid_stream) -> dict:
+    run = load_run(workdir)
+    nll, tokens, words = validation_nll(run, valid_stream)
+    words_per_token_train = count_words(run.tokenizer, train_stream.tokens) / len(train_stream.tokens)
+    samples = (workdir / "samples.txt").read_text().strip().split("\n\n")
+    return {
+        "arm": name,
+        "vocab_size": run.tokenizer.vocab_size,
+        "params": int(sum(x.size for x in jax.tree.leaves(run.params))),
+        "valid_loss_per_token": nll / tokens,
+        "valid_tokens": tokens,
+        "valid_words": words,
+        "bits_per_token": nll / tokens / math.log(2),
+        "bits_per_word": bits_per_word(nll, words),
+        "trainer_valid_loss": result["loss"],
+        "words_per_token": words / tokens,
+        "train_tokens_per_s": result["tokens_per_s"],
+        "train_words_per_s": result["tokens_per_s"] * words_per_token_train,
+        "train_words_seen": cfg.train.steps * cfg.train.batch_size * cfg.model.max_len * words_per_token_train,
+        "samples": samples,
+        "sample_words": float(np.mean([len(run.tokenizer.pre_tokenize(s)) for s in samples])) if samples else 0.0,
+    }
+
+
+def main(argv: list[str]) -> None:
+    overrides = [a for a in argv if a.startswith("--config.")]
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", default="runs/phrase_tokens")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args([a for a in argv if not a.startswith("--config.")])
+    workdir = Path(args.workdir)
+    phrase_cfg = config_lib.apply_overrides(config_lib.load_config_file(CONFIG), overrides)
+    word_cfg = config_lib.from_dict(phrase_cfg.to_dict())
+    word_cfg.tokenizer.kind, word_cfg.tokenizer.phrase_vocab_size = "topword", 0
+
+    docs = pipeline.load_documents(phrase_cfg.data)
+    train_docs, valid_docs = pipeline.split_train_valid(docs, phrase_cfg.data.valid_fraction)
+    word_tok, phrase_tok = fit_tokenizers(phrase_cfg, train_docs, workdir)
+
+    stats = phrase_tok.stats(valid_docs, top=30)
+    print(f"\nphrase tokens on the validation split: {stats['mean_words_per_token']:.3f} words/token, "
+          f"{stats['tokens_per_sentence']:.2f} tokens vs {stats['words_per_sentence']:.2f} words per sentence, "
+          f"{stats['words_in_phrases_share']:.1%} of words inside a phrase, "
+          f"{stats['phrases_used_share']:.1%} of phrases used")
+    print("most frequent phrases:", ", ".join(f"{p} ({n})" for p, n in stats["top_phrases"][:20]))
+    print("a validation story as phrase tokens:\n  " + " ".join(phrase_tok.tokens(valid_docs[0])[:60]) + "\n")
+
+    rows = []
+    for name, cfg, tokenizer in (("word", word_cfg, word_tok), ("phrase", phrase_cfg, phrase_tok)):
+        arm_dir = workdir / name
+        start = time.perf_counter()
+        result = train.run(cfg, arm_dir, quiet=args.quiet)
+        print(f"{name}: trained in {time.perf_counter() - start:.0f}s", flush=True)
+        streams = [pipeline.TokenStream.encode(tokenizer, d) for d in (train_docs, valid_docs)]
+        rows.append(describe(name, cfg, arm_dir, result, *streams))
+
+    print(f"\n{'arm':8}{'vocab':>7}{'params':>9}{'words/tok':>11}{'loss/tok':>10}{'bits/word':>11}"
+          f"{'words/s':>10}{'words seen':>12}")
+    for r in rows:
+        print(f"{r['arm']:8}{r['vocab_size']:>7}{r['params']:>9,}{r['words_per_token']:>11.3f}"
+              f"{r['valid_loss_per_token']:>10.4f}{r['bits_per_word']:>11.4f}{r['train_words_per_s']:>10.0f}"
+              f"{r['train_words_seen']:>12,.0f}")
+    for r in rows:
+        print(f"\n{r['arm']} samples ({r['sample_words']:.0f} words on average):")
+        for s in r["samples"]:
+            print("  > " + s)
+    summary = {"config": phrase_cfg.to_dict(), "phrase_stats": stats, "arms": rows}
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
+    word, phrase = rows
+    print(f"\nphrase vs word: bits/word {phrase['bits_per_word']:.4f} vs {word['bits_per_word']:.4f} "
+          f"({phrase['bits_per_word'] / word['bits_per_word'] - 1:+.1%}), training words/s "
+          f"{phrase['train_words_per_s'] / word['train_words_per_s']:.2f}x; summary in {workdir / 'summary.json'}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
