@@ -2,7 +2,7 @@
 
   train       --config experiments/configs/NAME.py --workdir DIR [--config.model.d_model=256 ...]
   quickstart  [--workdir DIR] [--config.KEY=VALUE ...]     the main job on the embedded corpus
-  sample      WORKDIR [--prompt TEXT] [--n 4] [--temperature 0.8] [--top-k K] [--top-p P] [--greedy]
+  sample      WORKDIR [--prompt TEXT] [--n 4] [--temperature 0.8] [--top-k K] [--top-p P] [--greedy] [--free]
   inspect     WORKDIR [--samples 3] [--step N]
 """
 
@@ -63,16 +63,26 @@ def cmd_sample(argv: list[str]) -> None:
     parser.add_argument("--greedy", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--step", type=int, default=None)
+    parser.add_argument("--free", action="store_true", help="on a grammar run, sample without the grammar constraint")
     args = parser.parse_args(argv)
     import jax
 
     from toyjax import load_run
+    from toyjax.runs import run_grammar
     from toyjax.sample import cut_at_eos, sample
 
     run = load_run(args.workdir, args.step)
     prompt = [run.tokenizer.eos_id] + run.tokenizer.encode(args.prompt)
+    grammar = run_grammar(run.config, run.tokenizer)
+    prompt_states = None
+    if grammar is not None:
+        from toyjax.grammar import annotate
+
+        # The prompt's <eos> opens a document: the states after it come from the rest of the prompt.
+        prompt_states = [grammar.start] + annotate(grammar, prompt[1:], run.tokenizer.vocab).tolist()
     tokens = sample(run.model, run.params, prompt, n=args.n, length=args.length or None, key=jax.random.key(args.seed),
-                    greedy=args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+                    greedy=args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    grammar=grammar, constrain=not args.free, prompt_states=prompt_states)
     for row in cut_at_eos(tokens, run.tokenizer.eos_id, skip=1):
         print(run.tokenizer.decode(row), end="\n\n")
 
@@ -101,11 +111,12 @@ def main(argv: list[str]) -> int:
     from toyjax.checkpoints import CheckpointError
     from toyjax.config import ConfigError
     from toyjax.data.text import CorpusError
+    from toyjax.grammar import GrammarError
     from toyjax.train import NonFiniteLossError
 
     try:
         COMMANDS[argv[0]](argv[1:])
-    except (ConfigError, CorpusError, CheckpointError, NonFiniteLossError, FileNotFoundError) as err:
+    except (ConfigError, CorpusError, CheckpointError, GrammarError, NonFiniteLossError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -7,7 +7,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from toyjax.runs import load_run, read_metrics, write_samples
+from toyjax.runs import load_run, read_metrics, run_grammar, write_samples
 
 
 def parameter_table(params) -> list[str]:
@@ -45,5 +45,6 @@ def describe_run(workdir: str | Path, *, n_samples: int = 3, step: int | None = 
             out.append(f"last {split} metrics: {shown}")
     if n_samples:
         out += ["", "samples:"]
-        out += [f"  > {text}" for text in write_samples(cfg, run.model, run.params, run.tokenizer, None, n=n_samples)]
+        grammar = run_grammar(cfg, run.tokenizer)
+        out += [f"  > {text}" for text in write_samples(cfg, run.model, run.params, run.tokenizer, grammar, n=n_samples)]
     return "\n".join(out)

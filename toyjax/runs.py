@@ -49,15 +49,26 @@ def _differences(saved: dict, wanted: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def _grammar_for(cfg: Config, tokenizer, streams):
-    """Compiles the structured domain's grammar and annotates the streams with grammar states, if in use."""
+def run_grammar(cfg: Config, tokenizer):
+    """Returns the compiled grammar tables of a run on the structured domain, else None."""
     if cfg.data.source not in ("structured", "mixed"):
         return None
     from toyjax import grammar as grammar_lib
 
-    tables = grammar_lib.compile_grammar(grammar_lib.load_default_grammar(), tokenizer.token_to_id)
+    # Alone, every document is a program; mixed with stories, a document enters the grammar at its first token.
+    return grammar_lib.compile_grammar(grammar_lib.load_default_grammar(), tokenizer.token_to_id,
+                                       free_text=cfg.data.source == "mixed")
+
+
+def _grammar_for(cfg: Config, tokenizer, streams):
+    """Compiles the run's grammar, if any, and annotates the streams with grammar states."""
+    from toyjax import grammar as grammar_lib
+
+    tables = run_grammar(cfg, tokenizer)
+    if tables is None:
+        return None
     for stream in streams:
-        stream.side["grammar_state"] = np.asarray(grammar_lib.annotate(tables, stream.tokens), np.int32)
+        stream.side["grammar_state"] = np.asarray(grammar_lib.annotate(tables, stream.tokens, tokenizer.vocab), np.int32)
     cfg.model.grammar_feature_sizes = tuple(int(s) for s in tables.feature_sizes)
     return tables
 
@@ -113,8 +124,10 @@ def write_samples(cfg: Config, model, params, tokenizer, grammar, *, n: int, see
     if n <= 0:
         return []
     length = min(cfg.train.sample_length + 1, cfg.model.max_len)
+    # Constrain only a model trained on the valid subset: a plain model's samples show what it learned alone.
     tokens = sample(model, params, [tokenizer.eos_id], n=n, length=length, key=jax.random.key(seed),
-                    temperature=cfg.train.sample_temperature, grammar=grammar)
+                    temperature=cfg.train.sample_temperature, grammar=grammar,
+                    constrain=cfg.train.loss == "valid_subset")
     return [tokenizer.decode(row) for row in cut_at_eos(tokens, tokenizer.eos_id, skip=1)]
 
 

@@ -12,6 +12,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from toyjax.grammar import advance, constrain_logits
 from toyjax.models.decoder import Decoder
 
 
@@ -32,14 +33,15 @@ def filter_logits(logits, *, temperature: float = 1.0, top_k: int = 0, top_p: fl
     return logits
 
 
-@functools.partial(jax.jit, static_argnames=("model", "length", "greedy", "temperature", "top_k", "top_p"))
-def _sample_loop(model, params, buffer, prompt_length, key, grammar, state, *, length, greedy, temperature, top_k, top_p):
+@functools.partial(jax.jit, static_argnames=("model", "length", "greedy", "temperature", "top_k", "top_p", "constrain"))
+def _sample_loop(model, params, buffer, prompt_length, key, grammar, state, *, length, greedy, temperature, top_k, top_p,
+                 constrain):
     def body(t, carry):
         buffer, state, key = carry
         features = None if grammar is None else grammar.features[state]
         logits = model.apply({"params": params}, buffer, state_features=features)[:, t - 1]
-        if grammar is not None:
-            logits = jnp.where(grammar.valid[state[:, t - 1]], logits, -jnp.inf)
+        if grammar is not None and constrain:
+            logits = constrain_logits(grammar, state[:, t - 1], logits)
         key, sub = jax.random.split(key)
         if greedy:
             token = jnp.argmax(logits, axis=-1)
@@ -48,7 +50,7 @@ def _sample_loop(model, params, buffer, prompt_length, key, grammar, state, *, l
         token = jnp.where(t < prompt_length, buffer[:, t], token).astype(buffer.dtype)
         buffer = buffer.at[:, t].set(token)
         if grammar is not None:
-            advanced = grammar.next_state[state[:, t - 1], token]
+            advanced = advance(grammar, state[:, t - 1], token)
             state = state.at[:, t].set(jnp.where(t < prompt_length, state[:, t], advanced))
         return buffer, state, key
 
@@ -58,11 +60,12 @@ def _sample_loop(model, params, buffer, prompt_length, key, grammar, state, *, l
 
 def sample(model: Decoder, params, prompt: list[int], *, n: int = 1, length: int | None = None, key=None,
            greedy: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-           grammar=None, prompt_states=None):
+           grammar=None, constrain: bool = True, prompt_states=None):
     """Returns n sequences [n, length] of token ids that start with `prompt`.
 
-    grammar: tables with valid[state, token], next_state[state, token] and features[state, F]; when given,
-    every sampled token is valid in the state reached so far. prompt_states: the grammar state after each
+    grammar: tables with valid[state, token], next_state[state, token] and features[state, F]; when given, the
+    state is tracked (its features feed a model with grammar_state_embedding) and, with constrain=True, every
+    sampled token is valid in the state reached so far. prompt_states: the grammar state after each
     prompt token (default: grammar.start for every prompt position, i.e. a prompt outside the grammar).
     """
     length = length or model.cfg.max_len
@@ -77,7 +80,8 @@ def sample(model: Decoder, params, prompt: list[int], *, n: int = 1, length: int
         states = prompt_states if prompt_states is not None else [int(grammar.start)] * len(prompt)
         state = state.at[:, :len(prompt)].set(jnp.asarray(states, jnp.int32))
     tokens, _ = _sample_loop(model, params, buffer, len(prompt), key, grammar, state, length=length, greedy=greedy,
-                             temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
+                             temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+                             constrain=bool(constrain))
     return tokens
 
 

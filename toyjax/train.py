@@ -32,7 +32,9 @@ class NonFiniteLossError(FloatingPointError):
 def cross_entropy(logits, targets, valid_mask=None):
     """Returns per-token negative log-likelihood [batch, length]; with valid_mask only valid tokens compete."""
     if valid_mask is not None:
-        logits = jnp.where(valid_mask, logits, -1e9)
+        from toyjax.grammar import masked_cross_entropy
+
+        return masked_cross_entropy(logits, targets, valid_mask)
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
 
 
