@@ -45,7 +45,5 @@ def apply_rotary(x, positions, base: float = 10_000.0):
     return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x.dtype)
 
 
-try:  # top-k attention registers itself on import (it lives in its own module)
-    from toyjax.models import topk_attention  # noqa: F401,E402
-except ImportError:  # pragma: no cover
-    pass
+# Top-k attention lives in its own module and registers itself as "topk" on import.
+from toyjax.models.topk_attention import topk_attention  # noqa: F401,E402

@@ -1,0 +1,187 @@
+"""Top-k attention sweep: dense and top-k decoders (k in {1, 2, 4, 8, 16, 32}) on one tokenization and budget.
+
+    python experiments/topk_attention.py --out runs/topk_attention [--steps 300 --ks 1,2,4,8 --config.KEY=VALUE]
+
+Every arm uses experiments/configs/topk.py (overrides apply to all arms) and differs only in model.attention
+("dense") or model.attention_top_k; the top-word tokenizer is fitted once and copied into every arm, so all see
+exactly the same tokens, windows and step budget. Reports per arm:
+  * valid perplexity (toyjax.train.run on train.eval_batches batches of the held-out split; every other
+    number below is measured on those same batches),
+  * attention entropy in nats, per layer, averaged over heads and validation queries: from the kept top-k
+    weights the decoder sows under 'intermediates' (dense: from its full attention weights),
+  * for the dense model only: the share of its attention mass on its own top-k keys, and its perplexity when
+    top-k attention is swapped in at inference without retraining (what training with top-k buys),
+  * a sample from each model.
+Writes OUT/summary.json and OUT/topk_attention.png, and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from toyjax import config as config_lib  # noqa: E402
+from toyjax import load_run, train  # noqa: E402
+from toyjax.data import pipeline  # noqa: E402
+from toyjax.models.decoder import Decoder  # noqa: E402
+
+CONFIG = ROOT / "experiments" / "configs" / "topk.py"
+
+
+def arm_config(base: config_lib.Config, top_k: int | None) -> config_lib.Config:
+    cfg = config_lib.from_dict(base.to_dict())
+    if top_k is None:
+        cfg.model.attention = "dense"
+    else:
+        cfg.model.attention, cfg.model.attention_top_k = "topk", top_k
+    return cfg
+
+
+def validation_batches(cfg, tokenizer, n_batches: int):
+    docs = pipeline.load_documents(cfg.data)
+    _, valid_docs = pipeline.split_train_valid(docs, cfg.data.valid_fraction)
+    stream = pipeline.TokenStream.encode(tokenizer, valid_docs)
+    return stream.eval_batches(n_batches, batch_size=cfg.train.batch_size, length=cfg.model.max_len)
+
+
+def entropies(model, params, batches) -> list[float]:
+    """Returns the mean attention entropy (nats) of each layer over heads and validation queries."""
+
+    @jax.jit
+    def layer_entropies(tokens):
+        _, state = model.apply({"params": params}, tokens, mutable=["intermediates"])
+        out = []
+        for i in range(model.cfg.n_layers):
+            sown = state["intermediates"][f"block_{i}"]["attention"]
+            weights = sown["topk_weights"][0] if "topk_weights" in sown else sown["attention_weights"][0]
+            out.append(-jnp.sum(jnp.where(weights > 0, weights * jnp.log(jnp.maximum(weights, 1e-30)), 0.0), -1).mean())
+        return jnp.stack(out)
+
+    return np.mean([np.asarray(layer_entropies(b["inputs"])) for b in batches], axis=0).tolist()
+
+
+def dense_topk_mass(model, params, batches, ks) -> dict[int, float]:
+    """Returns, for each k, the dense model's mean attention mass on its own k largest weights."""
+
+    @jax.jit
+    def sorted_weights(tokens):
+        _, state = model.apply({"params": params}, tokens, mutable=["intermediates"])
+        layers = [state["intermediates"][f"block_{i}"]["attention"]["attention_weights"][0]
+                  for i in range(model.cfg.n_layers)]
+        return -jnp.sort(-jnp.stack(layers), axis=-1)  # [layers, b, h, q, k] descending
+
+    weights = [np.asarray(sorted_weights(b["inputs"])) for b in batches]
+    return {k: float(np.mean([np.cumsum(w, -1)[..., min(k, w.shape[-1]) - 1].mean() for w in weights])) for k in ks}
+
+
+def swapped_perplexity(cfg, params, batches, top_k: int) -> float:
+    """Returns the valid perplexity of dense-trained params run with top-k attention (no retraining)."""
+    swapped = arm_config(cfg, top_k)
+    eval_step = jax.jit(train.make_eval_step(Decoder(swapped.model), swapped))
+    return train.evaluate(eval_step, params, batches)["ppl"]
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = [a for a in summary["arms"] if a["top_k"] is not None]
+    dense = next(a for a in summary["arms"] if a["top_k"] is None)
+    ks = [a["top_k"] for a in arms]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.plot(ks, [a["valid_ppl"] for a in arms], marker="o", label="trained with top-k")
+    left.plot(ks, [summary["dense_swapped_ppl"][str(k)] for k in ks], marker="x", ls="--",
+              label="dense-trained, top-k at inference")
+    left.axhline(dense["valid_ppl"], color="k", ls=":", label="dense")
+    left.set(xscale="log", xlabel="k (keys kept per query)", ylabel="valid perplexity", title="perplexity vs k")
+    left.set_xticks(ks, [str(k) for k in ks])
+    left.legend()
+    right.plot(ks, [np.mean(a["attention_entropy"]) for a in arms], marker="o", label="top-k model (kept weights)")
+    right.plot(ks, np.log(ks), ls="--", color="gray", label="log k (uniform over k)")
+    right.axhline(np.mean(dense["attention_entropy"]), color="k", ls=":", label="dense model")
+    right.set(xscale="log", xlabel="k", ylabel="attention entropy (nats, mean over layers)", title="entropy vs k")
+    right.set_xticks(ks, [str(k) for k in ks])
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    overrides = [a for a in argv if a.startswith("--config.")]
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/topk_attention", help="output folder (one workdir per arm)")
+    parser.add_argument("--steps", type=int, default=0, help="training steps per arm (0 = the config's)")
+    parser.add_argument("--ks", default="1,2,4,8,16,32", help="comma-separated top-k values")
+    parser.add_argument("--config", default=str(CONFIG))
+    args = parser.parse_args([a for a in argv if not a.startswith("--config.")])
+    base = config_lib.apply_overrides(config_lib.load_config_file(args.config), overrides)
+    if args.steps:
+        base.train.steps = args.steps
+        base.train.eval_every = base.train.checkpoint_every = args.steps
+    ks = sorted({int(k) for k in args.ks.split(",") if k})
+    out = Path(args.out)
+
+    arms = []
+    shared_tokenizer = None
+    for top_k in [None] + ks:
+        name = "dense" if top_k is None else f"k{top_k}"
+        workdir = out / name
+        if shared_tokenizer is not None and not (workdir / "tokenizer").exists():
+            shutil.copytree(shared_tokenizer, workdir / "tokenizer")  # same tokens for every arm
+        cfg = arm_config(base, top_k)
+        start = time.perf_counter()
+        print(f"== {name}: {cfg.train.steps} steps", flush=True)
+        result = train.run(cfg, workdir, quiet=True)
+        shared_tokenizer = shared_tokenizer or workdir / "tokenizer"
+        run = load_run(workdir)
+        # The very batches train.run scored, so every perplexity in the table is on the same tokens.
+        batches = validation_batches(run.config, run.tokenizer, run.config.train.eval_batches)
+        samples = (workdir / "samples.txt").read_text().strip().split("\n\n")
+        arms.append({
+            "name": name, "top_k": top_k, "valid_loss": result["loss"], "valid_ppl": result["ppl"],
+            "valid_accuracy": result["accuracy"], "tokens_per_s": result.get("tokens_per_s"),
+            "attention_entropy": entropies(run.model, run.params, batches), "sample": samples[0],
+            "seconds": time.perf_counter() - start,
+        })
+        print(f"   valid ppl {result['ppl']:.3f}, entropy per layer "
+              f"{[round(e, 2) for e in arms[-1]['attention_entropy']]}, {arms[-1]['seconds']:.0f}s", flush=True)
+        if top_k is None:
+            dense_run, dense_batches = run, batches
+
+    summary = {
+        "config": base.to_dict(), "arms": arms,
+        "dense_topk_mass": {str(k): v for k, v in dense_topk_mass(dense_run.model, dense_run.params, dense_batches, ks).items()},
+        "dense_swapped_ppl": {str(k): swapped_perplexity(dense_run.config, dense_run.params, dense_batches, k) for k in ks},
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    plot(summary, out / "topk_attention.png")
+
+    dense = arms[0]
+    print(f"\n{'arm':>6s} {'valid ppl':>9s} {'vs dense':>8s} {'entropy':>8s} {'dense mass@k':>12s} "
+          f"{'dense+topk@inference ppl':>24s}  sample")
+    for arm in arms:
+        k = arm["top_k"]
+        mass = f"{summary['dense_topk_mass'][str(k)]:.3f}" if k else "1.000"
+        swapped = f"{summary['dense_swapped_ppl'][str(k)]:.3f}" if k else f"{dense['valid_ppl']:.3f}"
+        print(f"{arm['name']:>6s} {arm['valid_ppl']:9.3f} {arm['valid_ppl'] / dense['valid_ppl'] - 1:+8.1%} "
+              f"{np.mean(arm['attention_entropy']):8.2f} {mass:>12s} {swapped:>24s}  {arm['sample'][:70]!r}")
+    print(f"wrote {out / 'summary.json'} and {out / 'topk_attention.png'}")
+
+
+if __name__ == "__main__":
+    main()
