@@ -4,6 +4,7 @@
   quickstart  [--workdir DIR] [--config.KEY=VALUE ...]     the main job on the embedded corpus
   sample      WORKDIR [--prompt TEXT] [--n 4] [--temperature 0.8] [--top-k K] [--top-p P] [--greedy] [--free]
   inspect     WORKDIR [--samples 3] [--step N]
+  bert-adapt  --corpus FILE --workdir DIR [--steps 600 --time-budget-min 30]   MLM-adapt a BERT, writes DIR/hf
 """
 
 from __future__ import annotations
@@ -98,7 +99,14 @@ def cmd_inspect(argv: list[str]) -> None:
     print(describe_run(args.workdir, n_samples=args.samples, step=args.step))
 
 
-COMMANDS = {"train": cmd_train, "quickstart": cmd_quickstart, "sample": cmd_sample, "inspect": cmd_inspect}
+def cmd_bert_adapt(argv: list[str]) -> None:
+    from toyjax import bert_adapt
+
+    bert_adapt.main(argv)
+
+
+COMMANDS = {"train": cmd_train, "quickstart": cmd_quickstart, "sample": cmd_sample, "inspect": cmd_inspect,
+            "bert-adapt": cmd_bert_adapt}
 
 
 def main(argv: list[str]) -> int:

@@ -34,6 +34,7 @@ class TokenizerConfig:
     vocab_size: int = 1024  # specials + top words (the base vocabulary for kind="phrase")
     lowercase: bool = True
     simplify: str = "nearest"  # "unk", "nearest", "contextual"
+    bert_model: str = ""  # simplify="contextual": a BERT folder with an MLM head ("" = $TOYJAX_BERT)
     phrase_vocab_size: int = 0  # kind="phrase": phrases added on top of the top words
 
 

@@ -49,7 +49,9 @@ def fit_tokenizer(cfg: TokenizerConfig, texts: list[str]):
     """Fits the tokenizer named by tokenizer.kind on the training texts."""
     from toyjax.tokenizers import TopWordTokenizer
 
-    base = TopWordTokenizer.fit(texts, vocab_size=cfg.vocab_size, lowercase=cfg.lowercase, simplify=cfg.simplify)
+    options = {"model_path": cfg.bert_model} if cfg.simplify == "contextual" and cfg.bert_model else None
+    base = TopWordTokenizer.fit(texts, vocab_size=cfg.vocab_size, lowercase=cfg.lowercase, simplify=cfg.simplify,
+                                simplify_options=options)
     if cfg.kind == "topword":
         return base
     if cfg.kind == "phrase":

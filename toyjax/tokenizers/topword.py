@@ -89,8 +89,11 @@ class TopWordTokenizer:
 
     @classmethod
     def fit(cls, texts: Iterable[str], vocab_size: int = 1024, *, lowercase: bool = True,
-            simplify: str = "nearest") -> "TopWordTokenizer":
-        """Counts words in `texts` and keeps the vocab_size - 3 most frequent (ties broken alphabetically)."""
+            simplify: str = "nearest", simplify_options: dict | None = None) -> "TopWordTokenizer":
+        """Counts words in `texts` and keeps the vocab_size - 3 most frequent (ties broken alphabetically).
+
+        simplify_options: keyword arguments for the strategy (e.g. {"model_path": ...} for "contextual").
+        """
         if vocab_size <= len(SPECIALS):
             raise ValueError(f"vocab_size must exceed the {len(SPECIALS)} special tokens, got {vocab_size}")
         splitter = cls._hf_tokenizer({s: i for i, s in enumerate(SPECIALS)}, lowercase)
@@ -101,7 +104,7 @@ class TopWordTokenizer:
         ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
         top_words = [w for w, _ in ranked if w not in SPECIALS][: vocab_size - len(SPECIALS)]
         vocab = {token: i for i, token in enumerate(list(SPECIALS) + top_words)}
-        strategy = simplify_lib.get_strategy(simplify)()
+        strategy = simplify_lib.get_strategy(simplify)(**(simplify_options or {}))
         strategy.fit(counts, top_words, documents)
         tokenizer = cls(cls._hf_tokenizer(vocab, lowercase), strategy, lowercase=lowercase)
         tokenizer.stats = tokenizer._corpus_stats(counts)
@@ -110,10 +113,9 @@ class TopWordTokenizer:
     def _corpus_stats(self, counts: collections.Counter) -> dict:
         total = sum(counts.values())
         in_vocab = sum(n for w, n in counts.items() if w in self.token_to_id)
-        simplified = 0
-        if isinstance(self.strategy, simplify_lib.StaticStrategy):
-            simplified = sum(n for w, n in counts.items()
-                             if w not in self.token_to_id and self.strategy.mapping.get(w, "<unk>") != "<unk>")
+        # A contextual strategy's mapping holds each rare word's most frequent choice over its occurrences.
+        mapping = getattr(self.strategy, "mapping", None) or {}
+        simplified = sum(n for w, n in counts.items() if w not in self.token_to_id and mapping.get(w, "<unk>") != "<unk>")
         return {
             "corpus_words": total,
             "distinct_words": len(counts),

@@ -1,0 +1,101 @@
+"""Candidate-distribution throughput: toyjax Flax BERT (exact chain rule) vs the transformers fill-mask pipeline.
+
+    python bench/bert_probe.py                                   # 8 sentences x 1000 candidates (quick)
+    python bench/bert_probe.py --sentences 32 --candidates 2000 --model runs/bert_adapt/hf
+Expect (2 quiet CPU cores): 8 x 1000 (6 multi-piece) ~1.2x the pipeline; 16 x 2000 (51 multi-piece) ~0.4x,
+because every distinct multi-piece prefix costs one more forward per sentence while the pipeline does one;
+with single-piece candidates only (--candidates 50) ~8x.
+
+Both sides use the same weights. Without --model the packaged all-MiniLM-L6-v2 encoder gets a freshly
+initialised tied MLM head (written to a temporary folder; speed does not depend on the head's values).
+The pipeline (PyTorch, `targets=`, top_k = all) scores only each candidate's first piece and merges
+candidates that share one; toyjax scores every piece and keeps them apart. Candidates are the most frequent
+words of the corpus; sentences are held-out sentences with one word masked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from toyjax import bert_adapt, probe  # noqa: E402
+from toyjax.models import bert as bert_lib  # noqa: E402
+from toyjax.models import bert_candidates  # noqa: E402
+
+CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpora" / "tinystories_sample.txt"
+FALLBACK_TEXT = "Once upon a time a little girl named Lily went to the park with her dog. " * 50
+
+
+def model_folder(path: str | None, scratch: Path) -> Path:
+    if path:
+        return Path(path)
+    bert = bert_lib.load()
+    params = bert_adapt._init_head(bert, bert_adapt._windows(bert, ["a small corpus for the head bias ."], 8), seed=0)
+    return bert_adapt.save_hf_folder(bert, params, scratch / "minilm_tied_head", bert.folder)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="HF BERT folder with an MLM head")
+    parser.add_argument("--sentences", type=int, default=8)
+    parser.add_argument("--candidates", type=int, default=1000)
+    parser.add_argument("--pipeline-batch-size", type=int, default=8)
+    args = parser.parse_args(argv)
+
+    text = CORPUS.read_text(encoding="utf-8") if CORPUS.exists() else FALLBACK_TEXT
+    words = collections.Counter(re.findall(r"[a-z]+", text.lower()))
+    candidates = [w for w, _ in words.most_common(args.candidates)]
+    _, held_out = bert_adapt.split_corpus(text)
+    sentences = probe.split_sentences(held_out or text.splitlines())
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = model_folder(args.model, Path(scratch))
+        bert = bert_lib.load(folder)
+        examples = probe.masked_word_examples(bert, sentences, args.sentences, seed=7)
+        texts = [bert.piece_tokenizer.decode([i for i in row if i not in (bert.cls_id, bert.sep_id, 0)],
+                                             skip_special_tokens=False) for row in examples.ids]
+        n_pieces = [len(bert.pieces(c)) for c in candidates]
+        first_pieces = len({tuple(bert.pieces(c)[:1]) for c in candidates})
+        print(f"model {folder}; {len(texts)} masked sentences x {len(candidates)} candidates; "
+              f"{sum(n > 1 for n in n_pieces)} multi-piece, {len(candidates) - first_pieces} share a first piece")
+
+        start = time.perf_counter()
+        bert_candidates.candidate_distributions(bert, texts, candidates)  # first call compiles the buckets
+        first_call_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        ours = bert_candidates.candidate_distributions(bert, texts, candidates)
+        ours_seconds = time.perf_counter() - start
+
+        import torch
+        import transformers
+
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+        fill_mask = transformers.pipeline("fill-mask", model=str(folder), tokenizer=str(folder), device="cpu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            transformers.logging.set_verbosity_error()
+            fill_mask(texts, targets=candidates, top_k=len(candidates), batch_size=args.pipeline_batch_size)
+            start = time.perf_counter()
+            theirs = fill_mask(texts, targets=candidates, top_k=len(candidates), batch_size=args.pipeline_batch_size)
+            theirs_seconds = time.perf_counter() - start
+
+    pairs = len(texts) * len(candidates)
+    ours_rate, theirs_rate = pairs / ours_seconds, pairs / theirs_seconds
+    returned = sum(len(r) for r in (theirs if len(texts) > 1 else [theirs])) / len(texts)
+    print(f"toyjax (exact chain rule)   : {ours_rate:10.0f} sentence x candidate / s ({ours_seconds:.2f} s; "
+          f"first call with compilation {first_call_seconds:.1f} s)")
+    print(f"transformers fill-mask      : {theirs_rate:10.0f} sentence x candidate / s ({theirs_seconds:.2f} s, "
+          f"first piece only, {returned:.0f} of {len(candidates)} candidates returned per sentence)")
+    print(f"speed-up {ours_rate / theirs_rate:.2f}x")
+    return {"ours_per_s": ours_rate, "pipeline_per_s": theirs_rate, "speedup": ours_rate / theirs_rate}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""Masked-LM probabilities of chosen candidate words, exact for words BERT splits into several pieces.
+
+A candidate of k word-pieces p1..pk is scored by the chain rule with k [MASK]s in place of the one mask:
+log P(p1 | M M .. M) + log P(p2 | p1 M .. M) + ... + log P(pk | p1 .. pk-1 M), filled left to right. The
+forward passes are shared: a row is (sentence, number of masks, filled prefix), so all single-piece candidates
+of a sentence cost one pass, and two-piece candidates sharing a first piece share their first pass. Rows are
+padded to length buckets and fixed batch sizes so the jitted forward compiles a handful of times.
+Candidates stay distinct keys even when they share pieces; the distribution is renormalised over them.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+from tqdm import tqdm
+
+from toyjax.models.bert import MASK_TOKEN
+
+ROW_BATCH = 32
+
+
+def _length_bucket(length: int) -> int:
+    """Returns the padded length: multiples of 8 up to 64, then of 32 (few compilations, little padding)."""
+    return -(-length // 8) * 8 if length <= 64 else -(-length // 32) * 32
+
+
+def split_at_mask(bert, text_with_mask: str) -> tuple[list[int], list[int]]:
+    """Returns the word-piece ids left and right of the single [MASK] in the text."""
+    if not isinstance(text_with_mask, str):
+        raise TypeError(f"expected a text containing {MASK_TOKEN}, got {type(text_with_mask).__name__}")
+    parts = text_with_mask.split(MASK_TOKEN)
+    if len(parts) != 2:
+        raise ValueError(f"text must contain exactly one {MASK_TOKEN} (found {len(parts) - 1}): {text_with_mask!r}")
+    return bert.pieces(parts[0]), bert.pieces(parts[1])
+
+
+def candidate_pieces(bert, candidates) -> dict[str, tuple[int, ...]]:
+    """Returns {candidate: word-piece ids} in input order (duplicates dropped); empty input is an error."""
+    if isinstance(candidates, str):
+        raise TypeError("candidates must be a list of strings, not one string")
+    candidates = list(dict.fromkeys(candidates))
+    if not candidates:
+        raise ValueError("empty candidate list: nothing to distribute probability over")
+    not_text = [c for c in candidates if not isinstance(c, str)]
+    if not_text:
+        raise TypeError(f"candidates must be strings, got {not_text[0]!r}")
+    encodings = bert.piece_tokenizer.encode_batch(candidates, add_special_tokens=False)
+    pieces = {candidate: tuple(e.ids) for candidate, e in zip(candidates, encodings)}
+    for candidate, ids in pieces.items():
+        if not ids:
+            raise ValueError(f"candidate {candidate!r} has no word-pieces (empty or whitespace?)")
+    return pieces
+
+
+def run_rows(bert, rows: list[tuple], targets_per_row: list[list[int]], progress: bool = False) -> list[np.ndarray]:
+    """Returns, per row (left ids, right ids, n_masks, filled prefix), the log-probs of its targets.
+
+    The scored position is the first still-masked one, i.e. [CLS] + left + len(prefix).
+    """
+    by_bucket = defaultdict(list)
+    for index, (left, right, n_masks, prefix) in enumerate(rows):
+        length = len(left) + n_masks + len(right) + 2
+        if length > bert.config.max_position_embeddings:
+            raise ValueError(f"masked text is {length} word-pieces long; the model takes at most "
+                             f"{bert.config.max_position_embeddings}. Shorten the text around the [MASK].")
+        by_bucket[min(_length_bucket(length), bert.config.max_position_embeddings)].append(index)
+    results: list = [None] * len(rows)
+    bar = tqdm(total=len(rows), desc="masked LM rows", disable=not progress, leave=False)
+    for length, indices in by_bucket.items():
+        for start in range(0, len(indices), ROW_BATCH):
+            chunk = indices[start: start + ROW_BATCH]
+            batch = 8 if len(chunk) <= 8 else ROW_BATCH  # two batch shapes per length: few compilations
+            ids = np.full((batch, length), bert.config.pad_token_id, np.int32)
+            positions = np.zeros(batch, np.int32)
+            for slot, index in enumerate(chunk):
+                left, right, n_masks, prefix = rows[index]
+                sequence = [bert.cls_id, *left, *prefix, *[bert.mask_id] * (n_masks - len(prefix)), *right, bert.sep_id]
+                ids[slot, : len(sequence)] = sequence
+                positions[slot] = 1 + len(left) + len(prefix)
+            log_probs = np.asarray(bert._masked_log_probs(bert.params, ids, (ids != bert.config.pad_token_id).astype(np.int32), positions))
+            for slot, index in enumerate(chunk):
+                results[index] = log_probs[slot, targets_per_row[index]]
+            bar.update(len(chunk))
+    bar.close()
+    return results
+
+
+def chain_log_probs(bert, contexts: list[tuple[list[int], list[int]]], requests: list[tuple[int, tuple, int]],
+                    progress: bool = False) -> np.ndarray:
+    """Returns log P(pieces, filled left to right into n_masks masks) for requests (context index, pieces, n_masks).
+
+    With n_masks == len(pieces) this is the exact candidate score; with fewer pieces than masks it is the score
+    of a prefix, an upper bound on every candidate that extends it.
+    """
+    row_index: dict = {}
+    rows, row_targets = [], []
+    term_request, term_row, term_slot = [], [], []  # one entry per (request, piece)
+    for request, (context, pieces, n_masks) in enumerate(requests):
+        for j, piece in enumerate(pieces):
+            key = (context, n_masks, pieces[:j])
+            row = row_index.get(key)
+            if row is None:
+                row = row_index[key] = len(rows)
+                rows.append((*contexts[context], n_masks, pieces[:j]))
+                row_targets.append({})
+            targets = row_targets[row]
+            term_request.append(request)
+            term_row.append(row)
+            term_slot.append(targets.setdefault(piece, len(targets)))
+    row_log_probs = run_rows(bert, rows, [list(t) for t in row_targets], progress)
+    offsets = np.cumsum([0] + [len(t) for t in row_targets])
+    flat = np.concatenate(row_log_probs).astype(np.float64)
+    terms = flat[offsets[np.array(term_row)] + np.array(term_slot)]
+    return np.bincount(np.array(term_request), weights=terms, minlength=len(requests))
+
+
+def candidate_log_scores(bert, texts_with_mask: list[str], candidates, progress: bool = False) -> tuple[list[str], np.ndarray]:
+    """Returns (candidates, exact log-probabilities [texts, candidates]) by the chain rule."""
+    bert.require_mlm_head()
+    contexts = [split_at_mask(bert, text) for text in texts_with_mask]
+    pieces = candidate_pieces(bert, candidates)
+    requests = [(t, p, len(p)) for t in range(len(contexts)) for p in pieces.values()]
+    scores = chain_log_probs(bert, contexts, requests, progress)
+    return list(pieces), scores.reshape(len(contexts), len(pieces))
+
+
+def _normalise(log_scores: np.ndarray) -> np.ndarray:
+    shifted = np.exp(log_scores - log_scores.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+def candidate_distributions(bert, texts_with_mask: list[str], candidates, progress: bool = False) -> list[dict[str, float]]:
+    """Returns one {candidate: probability} per text, renormalised over the candidates."""
+    names, scores = candidate_log_scores(bert, texts_with_mask, candidates, progress)
+    return [dict(zip(names, row.tolist())) for row in _normalise(scores)]
+
+
+def candidate_distribution(bert, text_with_mask: str, candidates) -> dict[str, float]:
+    """Returns {candidate: probability} at the text's [MASK], renormalised over the candidates."""
+    return candidate_distributions(bert, [text_with_mask], candidates)[0]
+
+
+def most_probable(bert, texts_with_mask: list[str], candidates, progress: bool = False) -> list[str]:
+    """Returns, per text, the candidate with the highest exact chain-rule probability.
+
+    Exact but cheaper than scoring everything: a multi-piece candidate's first-piece term is an upper bound on
+    its score (later terms are log-probabilities <= 0), so only candidates whose bound beats the best exact
+    score found so far are scored in full.
+    """
+    bert.require_mlm_head()
+    contexts = [split_at_mask(bert, text) for text in texts_with_mask]
+    pieces = candidate_pieces(bert, candidates)
+    names = list(pieces)
+    first = [(t, p[:1], len(p)) for t in range(len(contexts)) for p in pieces.values()]
+    bounds = chain_log_probs(bert, contexts, first, progress).reshape(len(contexts), len(names))
+    lengths = np.array([len(p) for p in pieces.values()])
+    exact = np.where(lengths == 1, bounds, -np.inf)
+    best_exact = exact.max(axis=1)
+    todo = [(t, c) for t in range(len(contexts)) for c in np.flatnonzero((lengths > 1) & (bounds[t] > best_exact[t]))]
+    if todo:
+        full = chain_log_probs(bert, contexts, [(t, pieces[names[c]], int(lengths[c])) for t, c in todo], progress)
+        for (t, c), score in zip(todo, full):
+            exact[t, c] = score
+    return [names[i] for i in exact.argmax(axis=1)]
+
+
+def vocabulary_distribution(bert, text_with_mask: str, tokenizer, exclude=("<pad>", "<unk>", "<eos>")) -> np.ndarray:
+    """Returns probabilities [vocab_size] at the [MASK] over a toyjax tokenizer's vocabulary (or a word list).
+
+    Excluded special tokens get probability 0; every other entry is scored exactly by the chain rule.
+    """
+    vocab = list(getattr(tokenizer, "vocab", tokenizer))
+    keep = [i for i, word in enumerate(vocab) if word not in set(exclude) and word.strip()]
+    names, scores = candidate_log_scores(bert, [text_with_mask], [vocab[i] for i in keep])
+    by_name = dict(zip(names, _normalise(scores)[0]))
+    out = np.zeros(len(vocab))
+    for i in keep:
+        out[i] = by_name[vocab[i]]
+    return out / out.sum()
+
+
+def mask_word(words: list[str], position: int) -> str:
+    """Returns the words joined by spaces with words[position] replaced by [MASK] (BERT splits punctuation anyway)."""
+    if not 0 <= position < len(words):
+        raise IndexError(f"position {position} outside a sentence of {len(words)} words")
+    return " ".join(MASK_TOKEN if i == position else word for i, word in enumerate(words))
