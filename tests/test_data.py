@@ -50,6 +50,7 @@ def test_stories_are_deterministic_and_keep_true_facts():
             last_gift[item] = receiver
         for item, receiver in last_gift.items():
             assert facts["owners"][item] == receiver
+        assert not re.search(r"\b[Aa] [aeiou]|\b[Aa]n [^aeiou]", story.text), story.text  # a/an agreement
         for _, pronoun, name in facts["pronouns"]:
             girl = facts["genders"][name] == "girl"
             assert pronoun in (("she", "her") if girl else ("he", "him", "his"))

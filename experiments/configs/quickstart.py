@@ -2,8 +2,9 @@
 
 python launch.py quickstart --workdir runs/quickstart
 (the same as: python launch.py train --config experiments/configs/quickstart.py --workdir runs/quickstart)
-Expect: valid perplexity about 2.6 and grammatical stories whose pronouns agree with their names,
-in under 10 minutes on a 2-core CPU.
+Expect: valid perplexity about 1.6 (accuracy 0.83) and grammatical stories whose pronouns agree with their
+names, in about 7 minutes on a 2-core CPU (1,000 steps at ~10k tokens/s). Object and place tracking is still
+wrong often at this budget ("she had a pink boat ... she took her pink bag").
 """
 
 from toyjax.config import Config
@@ -19,9 +20,9 @@ def get_config() -> Config:
     config.model.n_heads = 4
     config.model.d_ff = 512
     config.model.max_len = 128
-    config.train.steps = 1200
+    config.train.steps = 1000
     config.train.batch_size = 32
     config.train.learning_rate = 3e-3
-    config.train.eval_every = 300
-    config.train.checkpoint_every = 300
+    config.train.eval_every = 250
+    config.train.checkpoint_every = 250
     return config

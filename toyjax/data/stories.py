@@ -39,6 +39,11 @@ class Story:
     facts: dict  # genders, owners ("red kite" -> name), locations (name -> place), pronouns [(sentence, word, name)]
 
 
+def with_article(phrase: str) -> str:
+    """Returns 'a red kite' or 'an orange kite'."""
+    return ("an " if phrase[:1] in "aeiou" else "a ") + phrase
+
+
 class _Writer:
     """Builds one story sentence by sentence while tracking who owns what, who is where, and pronouns."""
 
@@ -80,17 +85,17 @@ def _story(rng: random.Random) -> Story:
     things = [f"{c} {o}" for c, o in zip(colours, objects)]
     places = rng.sample(PLACES, 3)
 
-    opening = rng.choice(["Once upon a time, there was a {size} {kind} named {hero}.",
-                          "One day, a {size} {kind} named {hero} woke up early.",
+    opening = rng.choice(["Once upon a time, there was {size} {kind} named {hero}.",
+                          "One day, {size} {kind} named {hero} woke up early.",
                           "There was a {kind} named {hero} who lived near the {place}."])
     kind = w.facts["genders"][hero]
-    w.say(opening.format(size=w.word(rng.choice(SIZES)), kind=kind, hero=hero, place=w.word(places[2])))
-    w.say(f"{w.pronoun(hero, 'subject')} had a {things[0]}.")
+    w.say(opening.format(size=with_article(w.word(rng.choice(SIZES))), kind=kind, hero=hero, place=w.word(places[2])))
+    w.say(f"{w.pronoun(hero, 'subject')} had {with_article(things[0])}.")
     w.give(hero, things[0])
     if rng.random() < 0.5:
         pet = w.word(rng.choice(PETS))
         w.say(f"{hero} also had a {pet} that liked to {rng.choice(['sleep', 'run', 'eat', 'hide'])}.")
-    w.say(f"{friend} was {w.pronoun(hero, 'possessive')} friend, and {w.pronoun(friend, 'subject')} had a {things[1]}.")
+    w.say(f"{friend} was {w.pronoun(hero, 'possessive')} friend, and {w.pronoun(friend, 'subject')} had {with_article(things[1])}.")
     w.give(friend, things[1])
 
     w.say(f"One day, {hero} {w.word('went')} to the {w.word(places[0])}.")
@@ -112,7 +117,7 @@ def _story(rng: random.Random) -> Story:
         w.move(friend, "home")
     if len(cast) == 3:
         third = cast[2]
-        w.say(f"Then {third} came with a {things[2]}.")
+        w.say(f"Then {third} came with {with_article(things[2])}.")
         w.give(third, things[2])
         w.move(third, w.facts["locations"].get(hero, places[0]))
         if rng.random() < 0.5:
