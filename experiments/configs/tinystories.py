@@ -2,8 +2,9 @@
 
 python launch.py train --config experiments/configs/tinystories.py --workdir runs/tinystories \
     --config.data.source=../shared/corpora/tinystories_sample.txt      # or any UTF-8 file or folder
-Expect: valid perplexity about 24 after 800 steps (about 8 minutes on a 2-core CPU) and story-shaped samples
-("once upon a time, there was a little girl named ...") whose grammar holds for a sentence or two.
+Expect: valid perplexity about 30 (accuracy 0.34) after 800 steps (about 8 minutes on a 2-core CPU) and
+story-shaped samples ("once upon a time, there was a little boy named timmy ...") whose grammar holds for a
+sentence or two.
 """
 
 from toyjax.config import Config
