@@ -7,21 +7,16 @@ story-shaped samples ("once upon a time, there was a little boy named timmy ..."
 sentence or two.
 """
 
-from toyjax.config import Config
+from pathlib import Path
+
+from toyjax.config import Config, load_config_file
 
 
 def get_config() -> Config:
-    config = Config()
+    config = load_config_file(Path(__file__).with_name("quickstart.py"))  # the same decoder and training
     config.data.source = "../shared/corpora/tinystories_sample.txt"
     config.tokenizer.vocab_size = 2000
-    config.model.d_model = 128
-    config.model.n_layers = 4
-    config.model.n_heads = 4
-    config.model.d_ff = 512
-    config.model.max_len = 128
     config.train.steps = 800
-    config.train.batch_size = 32
-    config.train.learning_rate = 3e-3
     config.train.eval_every = 200
     config.train.checkpoint_every = 200
     return config

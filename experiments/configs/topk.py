@@ -11,25 +11,17 @@ k = 4 up; top-k attention entropy 0.55 (k=2) to 2.16 (k=32) nats vs 2.25 for den
 The full-budget sweep (this config as is, 7 runs) is untested: roughly an hour, estimated.
 """
 
-from toyjax.config import Config
+from pathlib import Path
+
+from toyjax.config import Config, load_config_file
 
 
 def get_config() -> Config:
-    config = Config()
-    config.data.source = "stories"
-    config.data.n_stories = 6000
-    config.tokenizer.vocab_size = 160
-    config.model.d_model = 128
-    config.model.n_layers = 4
-    config.model.n_heads = 4
-    config.model.d_ff = 512
-    config.model.max_len = 128
+    config = load_config_file(Path(__file__).with_name("quickstart.py"))  # same data, tokenizer, model size
     config.model.attention = "topk"
     config.model.attention_top_k = 8
     config.model.attention_query_chunk = 0  # 128 tokens: one chunk; set e.g. 256 for long contexts
     config.train.steps = 1200
-    config.train.batch_size = 32
-    config.train.learning_rate = 3e-3
     config.train.eval_every = 300
     config.train.checkpoint_every = 300
     return config
