@@ -25,10 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from tqdm import tqdm
 
 from toyjax import probe
+from toyjax.checkpoints import Checkpoints
 from toyjax.models import bert as bert_lib
 
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -143,14 +143,16 @@ def adapt(corpus, workdir, *, base=None, steps: int = 600, batch_size: int = 32,
         return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
                 "step": state["step"] + 1}, loss
 
-    state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.array(0, jnp.int32)}
-    manager = ocp.CheckpointManager(workdir / "checkpoints", options=ocp.CheckpointManagerOptions(max_to_keep=2))
-    if manager.latest_step() is not None:
-        state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(state))
-        print(f"resumed from step {int(state['step'])}")
+    # The project's checkpoint helper: a damaged step is named and the previous one restores.
+    checkpoints = Checkpoints(workdir / "checkpoints", keep=2)
+    opt_state, step = optimizer.init(params), 0
+    if checkpoints.latest_step() is not None:
+        step, params, opt_state, _ = checkpoints.restore(params_like=params, opt_state_like=opt_state)
+        print(f"resumed from step {step}")
+    state = {"params": params, "opt_state": opt_state, "step": jnp.array(step, jnp.int32)}
     log = open(workdir / "metrics.jsonl", "a")
     elapsed_before = _previous_seconds(workdir / "metrics.jsonl")
-    start, step = time.time(), int(state["step"])
+    start = time.time()
     if step == 0:
         log.write(json.dumps({"step": 0, "split": "valid", **mlm_accuracy(bert, eval_examples, params=state["params"]), "seconds": 0.0}) + "\n")
     progress = tqdm(total=steps, initial=step, desc="bert-adapt")
@@ -163,16 +165,15 @@ def adapt(corpus, workdir, *, base=None, steps: int = 600, batch_size: int = 32,
         progress.set_postfix(loss=f"{float(loss):.3f}")
         log.write(json.dumps({"step": step, "split": "train", "loss": float(loss), "seconds": round(seconds, 1)}) + "\n")
         if step % save_every == 0:
-            manager.save(step, args=ocp.args.StandardSave(state))
+            checkpoints.save(step, state["params"], state["opt_state"], {})
         if step % eval_every == 0:
             metrics = mlm_accuracy(bert, eval_examples, params=state["params"])
             log.write(json.dumps({"step": step, "split": "valid", **metrics, "seconds": round(seconds, 1)}) + "\n")
             progress.write(f"step {step}: held-out masked-word top-1 {metrics['top1']:.3f} top-5 {metrics['top5']:.3f}")
         log.flush()
     progress.close()
-    if manager.latest_step() != step:
-        manager.save(step, args=ocp.args.StandardSave(state), force=True)
-    manager.wait_until_finished()
+    if checkpoints.latest_step() != step:
+        checkpoints.save(step, state["params"], state["opt_state"], {})
     metrics = mlm_accuracy(bert, eval_examples, params=state["params"])
     seconds = elapsed_before + time.time() - start
     log.write(json.dumps({"step": step, "split": "valid", **metrics, "seconds": round(seconds, 1)}) + "\n")
