@@ -4,7 +4,7 @@
   quickstart  [--workdir DIR] [--config.KEY=VALUE ...]     the main job on the embedded corpus
   sample      WORKDIR [--prompt TEXT] [--n 4] [--temperature 0.8] [--top-k K] [--top-p P] [--greedy] [--free]
   inspect     WORKDIR [--samples 3] [--step N]
-  bert-adapt  --corpus FILE --workdir DIR [--steps 600 --time-budget-min 30]   MLM-adapt a BERT, writes DIR/hf
+  bert-adapt  --corpus FILE --workdir DIR [--steps 1050 --time-budget-min 29.5]   MLM-adapt a BERT, writes DIR/hf
 """
 
 from __future__ import annotations

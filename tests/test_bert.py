@@ -72,6 +72,27 @@ def test_chain_rule_equals_brute_force_loop(tiny):
     np.testing.assert_allclose([distribution[c] for c in names], reference / reference.sum(), atol=1e-5)
 
 
+def test_packed_rows_of_several_sentences_equal_separate_brute_force(tiny, monkeypatch):
+    # A small pack length forces rows of different sentences and lengths to share sequences and batches, and
+    # the longest sentence's rows (18 pieces) past it into sequences of their own.
+    monkeypatch.setattr(bert_candidates, "PACK_LENGTH", 16)
+    monkeypatch.setattr(bert_candidates, "PACK_BATCH", 2)
+    contexts = [("the ", " sat on the mat ."), ("", " ."), ("a big blue ", " sat on a big blue mat . the dog sat")]
+    names, scores = bert_candidates.candidate_log_scores(tiny, [f"{l}[MASK]{r}" for l, r in contexts], CANDIDATES)
+    expected = [[brute_force_log_prob(tiny, l, r, c) for c in names] for l, r in contexts]
+    np.testing.assert_allclose(scores, expected, atol=1e-4)
+
+
+def test_pack_rows_places_every_row_once_within_capacity():
+    lengths = np.random.default_rng(0).integers(3, 30, 200)
+    bins = bert_candidates.pack_rows(lengths, 64)
+    assert sorted(i for b in bins for i in b) == list(range(200))
+    assert max(lengths[b].sum() for b in bins) <= 64
+    assert len(bins) <= -(-lengths.sum() // 64) + 2  # first-fit decreasing wastes little here
+    with pytest.raises(ValueError, match="does not fit"):
+        bert_candidates.pack_rows([65], 64)
+
+
 def test_candidates_sharing_a_first_piece_stay_distinct_and_sum_to_one(tiny):
     shared = ["rain", "rainbow", "rainbows", "rainy"]  # all start with the piece "rain"
     distribution = tiny.candidate_distribution("a big [MASK] .", shared)
@@ -147,17 +168,20 @@ def test_missing_mlm_head_is_reported_and_encoder_still_works(tmp_path, tiny, ca
         headless.candidate_distribution("the [MASK] sat", ["cat"])
 
 
-def test_bidirectional_attention_matches_float64_loop():
+def test_bidirectional_attention_matches_float64_loop_with_padding_and_packed_segments():
     rng = np.random.default_rng(0)
-    q, k, v = (rng.normal(size=(2, 5, 3, 4)) for _ in range(3))
-    mask = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
-    out = np.asarray(bert_lib.bidirectional_attention(*(jnp.asarray(x, jnp.float32) for x in (q, k, v)), jnp.asarray(mask)))
-    for b in range(2):
-        for h in range(3):
-            keep = mask[b].astype(bool)
-            scores = q[b, :, h] @ k[b, keep, h].T / 2.0
-            weights = np.exp(scores - scores.max(1, keepdims=True))
-            np.testing.assert_allclose(out[b, :, h], (weights / weights.sum(1, keepdims=True)) @ v[b, keep, h], atol=1e-5)
+    q, k, v = (rng.normal(size=(3, 5, 3, 4)) for _ in range(3))
+    segments = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 2, 2, 0]])  # plain, padded, two packed rows
+    allowed = bert_lib.attention_allowed(jnp.asarray(segments), jnp.asarray(segments))
+    out = np.asarray(bert_lib.bidirectional_attention(*(jnp.asarray(x, jnp.float32) for x in (q, k, v)), allowed))
+    for b in range(3):
+        for i in range(5):
+            # a query sees its own segment; a padding query sees every real key (Hugging Face's behaviour)
+            keep = (segments[b] == segments[b, i]) if segments[b, i] else (segments[b] > 0)
+            for h in range(3):
+                scores = k[b, keep, h] @ q[b, i, h] / 2.0
+                weights = np.exp(scores - scores.max())
+                np.testing.assert_allclose(out[b, i, h], weights @ v[b, keep, h] / weights.sum(), atol=1e-5)
 
 
 def test_adapt_checkpoints_resumes_and_writes_a_loadable_hf_folder(tmp_path, tiny):

@@ -1,12 +1,13 @@
 """Masked-LM adaptation of a BERT (default: all-MiniLM-L6-v2, which ships without an MLM head) on a corpus, on CPU.
 
     python launch.py bert-adapt --corpus ../shared/corpora/tinystories_sample.txt --workdir runs/bert_adapt
-    python -m toyjax.bert_adapt --corpus FILE --workdir DIR [--steps 600 --time-budget-min 30]
+    python -m toyjax.bert_adapt --corpus FILE --workdir DIR [--steps 1050 --time-budget-min 29.5 --mask-rate 0.4]
 
 The whole encoder is trained; the MLM head (dense + GELU + LayerNorm, decoder tied to the word embeddings) is
 created fresh when the base has none, its output bias set to the corpus's log piece frequencies so the first
 steps are not spent learning unigram statistics. The loss is computed only at the masked positions (a fixed
-number per row), which skips 85 % of the 30522-way softmax. Runs resume from WORKDIR/checkpoints (orbax);
+number per row), which skips 60 % of the 30522-way softmax. 40 % of the pieces are masked rather than BERT's 15 %:
+on this budget it learns faster per step (held-out top-5 at step 300: 0.666 vs 0.630 at 25 %, 0.62 at 15 %; README). Runs resume from WORKDIR/checkpoints (orbax);
 WORKDIR/metrics.jsonl holds JSON lines; WORKDIR/hf is a Hugging Face folder (config.json, model.safetensors with
 the head under HF names, vocab.txt, tokenizer.json) that toyjax.models.bert.load and
 transformers.BertForMaskedLM.from_pretrained both read.
@@ -110,10 +111,10 @@ def save_hf_folder(bert, params, out_dir: Path, base_folder: Path) -> Path:
     return out_dir
 
 
-def adapt(corpus, workdir, *, base=None, steps: int = 600, batch_size: int = 32, seq_len: int = 64,
-          learning_rate: float = 3e-4, warmup_steps: int = 30, mask_rate: float = 0.15,
-          time_budget_s: float | None = None, eval_every: int = 100, save_every: int = 25,
-          n_eval: int = 500, seed: int = 0) -> dict:
+def adapt(corpus, workdir, *, base=None, steps: int = 1050, batch_size: int = 32, seq_len: int = 64,
+          learning_rate: float = 3e-4, warmup_steps: int = 30, mask_rate: float = 0.4,
+          time_budget_s: float | None = None, eval_every: int = 200, save_every: int = 100,
+          n_eval: int = 1000, seed: int = 0) -> dict:
     """Returns final {'step', 'top1', 'top5', 'seconds', 'hf_folder'}; trains, checkpoints, resumes, exports."""
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -198,15 +199,20 @@ def main(argv=None) -> dict:
     parser.add_argument("--corpus", required=True, help="UTF-8 text file")
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--base", default=None, help="HF BERT folder (default: packaged all-MiniLM-L6-v2)")
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=1050, help="length of the learning-rate schedule")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--learning-rate", type=float, default=3e-4)
-    parser.add_argument("--time-budget-min", type=float, default=30.0, help="stop after this much training time")
+    parser.add_argument("--mask-rate", type=float, default=0.4, help="fraction of pieces masked (80/10/10)")
+    parser.add_argument("--time-budget-min", type=float, default=29.5,
+                        help="stop after this much wall time, evaluation and checkpoints included")
+    parser.add_argument("--eval-every", type=int, default=200)
+    parser.add_argument("--save-every", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     return adapt(args.corpus, args.workdir, base=args.base, steps=args.steps, batch_size=args.batch_size,
-                 seq_len=args.seq_len, learning_rate=args.learning_rate, time_budget_s=args.time_budget_min * 60,
+                 seq_len=args.seq_len, learning_rate=args.learning_rate, mask_rate=args.mask_rate,
+                 time_budget_s=args.time_budget_min * 60, eval_every=args.eval_every, save_every=args.save_every,
                  seed=args.seed)
 
 

@@ -59,12 +59,24 @@ def gelu_exact(x):
     return jax.nn.gelu(x, approximate=False)
 
 
-def bidirectional_attention(query, key, value, attention_mask):
-    """Returns softmax(q k^T / sqrt(d)) v with padded keys excluded; q/k/v [batch, length, heads, head_dim]."""
+def bidirectional_attention(query, key, value, allowed):
+    """Returns softmax(q k^T / sqrt(d)) v over the allowed keys; q/k/v [batch, length, heads, head_dim].
+
+    allowed: [batch, query_length, key_length] booleans (see `attention_allowed`).
+    """
     scores = jnp.einsum("bqhd,bkhd->bhqk", query, key) / math.sqrt(query.shape[-1])
-    key_is_real = attention_mask[:, None, None, :].astype(bool)  # [batch, 1, 1, key_length]
-    scores = jnp.where(key_is_real, scores, jnp.finfo(scores.dtype).min)
+    scores = jnp.where(allowed[:, None], scores, jnp.finfo(scores.dtype).min)
     return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), value)
+
+
+def attention_allowed(query_segments, key_segments):
+    """Returns [batch, queries, keys]: a query sees the keys of its own segment; segment 0 is padding.
+
+    The usual 0/1 attention mask is the one-segment case; packed rows number their segments 1, 2, ...
+    A padding query sees every real key, as in Hugging Face's BERT (its output is never used).
+    """
+    same = (query_segments[:, :, None] == key_segments[:, None, :]) | (query_segments[:, :, None] == 0)
+    return same & (key_segments[:, None, :] > 0)
 
 
 # -------------------------------------------------------------------------------------------- modules
@@ -72,16 +84,24 @@ class BertLayer(nn.Module):
     config: BertConfig
 
     @nn.compact
-    def __call__(self, x, attention_mask, query_positions=None):
-        """Returns the block's output [batch, length, hidden], or [batch, 1, hidden] at query_positions [batch]."""
+    def __call__(self, x, segments, query_positions=None):
+        """Returns the block's output [batch, length, hidden], or [batch, n, hidden] at query_positions [batch, n].
+
+        segments: [batch, length] attention-mask / segment ids (`attention_allowed`).
+        """
         c = self.config
         heads, head_dim = c.num_attention_heads, c.hidden_size // c.num_attention_heads
         split = lambda t: t.reshape(*t.shape[:-1], heads, head_dim)
         # Only the rows at query_positions are needed when this is the last layer under an MLM head.
-        queries = x if query_positions is None else x[jnp.arange(x.shape[0]), query_positions][:, None]
+        if query_positions is None:
+            queries, query_segments = x, segments
+        else:
+            queries = jnp.take_along_axis(x, query_positions[..., None], axis=1)
+            query_segments = jnp.take_along_axis(segments, query_positions, axis=1)
         q = split(nn.Dense(c.hidden_size, name="query")(queries))
         k, v = (split(nn.Dense(c.hidden_size, name=n)(x)) for n in ("key", "value"))
-        attended = bidirectional_attention(q, k, v, attention_mask).reshape(queries.shape)
+        allowed = attention_allowed(query_segments, segments)
+        attended = bidirectional_attention(q, k, v, allowed).reshape(queries.shape)
         ln = lambda name: nn.LayerNorm(epsilon=c.layer_norm_eps, use_fast_variance=False, name=name)
         x = ln("attention_layer_norm")(queries + nn.Dense(c.hidden_size, name="attention_output")(attended))
         hidden = gelu_exact(nn.Dense(c.intermediate_size, name="intermediate")(x))
@@ -106,19 +126,26 @@ class BertModule(nn.Module):
             self.mlm_layer_norm = nn.LayerNorm(epsilon=c.layer_norm_eps, use_fast_variance=False)
             self.mlm_bias = self.param("mlm_bias", nn.initializers.zeros, (c.vocab_size,))
 
-    def encode(self, input_ids, attention_mask, token_type_ids=None, last_layer_positions=None):
+    def encode(self, input_ids, attention_mask, token_type_ids=None, last_layer_positions=None, position_ids=None):
         """Returns hidden states of every layer: [embeddings, layer 1, ..., layer N], each [batch, length, hidden].
 
-        With last_layer_positions [batch], the last layer is computed only there: its entry is [batch, 1, hidden].
+        attention_mask is the usual 0/1 padding mask, or segment ids 1, 2, ... for several rows packed into one
+        sequence (each with its own position_ids restarting at 0): tokens attend within their segment only.
+        With last_layer_positions [batch] or [batch, n], the last layer is computed only there and its entry is
+        [batch, 1, hidden] or [batch, n, hidden].
         """
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
-        positions = jnp.arange(input_ids.shape[1])[None, :]
-        x = self.word_embeddings(input_ids) + self.position_embeddings(positions)
+        if position_ids is None:
+            position_ids = jnp.arange(input_ids.shape[1])[None, :]
+        if last_layer_positions is not None and last_layer_positions.ndim == 1:
+            last_layer_positions = last_layer_positions[:, None]
+        segments = jnp.asarray(attention_mask).astype(jnp.int32)
+        x = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
         x = self.embeddings_layer_norm(x + self.token_type_embeddings(token_type_ids))
         states = [x]
         for i, layer in enumerate(self.layers):
-            x = layer(x, attention_mask, last_layer_positions if i == len(self.layers) - 1 else None)
+            x = layer(x, segments, last_layer_positions if i == len(self.layers) - 1 else None)
             states.append(x)
         return states
 
@@ -312,10 +339,12 @@ class Bert:
             raise ValueError(f"tokenizer of {self.folder} has no {token} token")
         return token_id
 
-    def _masked_log_probs_fn(self, params, ids, mask, positions):
-        """Returns log-softmax over the vocabulary [batch, vocab] at one position per row."""
-        at_position = self.mlm_module.apply({"params": params}, ids, mask, None, positions, method="encode")[-1][:, 0]
-        logits = self.mlm_module.apply({"params": params}, at_position, method="mlm_logits")
+    def _masked_log_probs_fn(self, params, ids, mask, positions, position_ids=None):
+        """Returns log-softmax over the vocabulary at positions: [batch, vocab] for positions [batch], or
+        [batch, n, vocab] for [batch, n] (packed rows: mask holds segment ids, see `BertModule.encode`)."""
+        hidden = self.mlm_module.apply({"params": params}, ids, mask, None, positions, position_ids, method="encode")[-1]
+        logits = self.mlm_module.apply({"params": params}, hidden[:, 0] if positions.ndim == 1 else hidden,
+                                       method="mlm_logits")
         return jax.nn.log_softmax(logits, axis=-1)
 
     def require_mlm_head(self):

@@ -4,7 +4,8 @@ A candidate of k word-pieces p1..pk is scored by the chain rule with k [MASK]s i
 log P(p1 | M M .. M) + log P(p2 | p1 M .. M) + ... + log P(pk | p1 .. pk-1 M), filled left to right. The
 forward passes are shared: a row is (sentence, number of masks, filled prefix), so all single-piece candidates
 of a sentence cost one pass, and two-piece candidates sharing a first piece share their first pass. Rows are
-padded to length buckets and fixed batch sizes so the jitted forward compiles a handful of times.
+packed several to a 48-token sequence, in batches of 1, 2, 4, 8 or 16 sequences, so the jitted forward compiles a
+handful of times and computes no padding.
 Candidates stay distinct keys even when they share pieces; the distribution is renormalised over them.
 """
 
@@ -17,12 +18,26 @@ from tqdm import tqdm
 
 from toyjax.models.bert import MASK_TOKEN
 
-ROW_BATCH = 32
+PACK_LENGTH = 48  # tokens per packed sequence: longer costs more attention than it saves in padding
+PACK_BATCH = 16  # packed sequences per forward call
 
 
-def _length_bucket(length: int) -> int:
-    """Returns the padded length: multiples of 8 up to 64, then of 32 (few compilations, little padding)."""
-    return -(-length // 8) * 8 if length <= 64 else -(-length // 32) * 32
+def pack_rows(lengths, capacity: int) -> list[list[int]]:
+    """Returns bins of row indices, first-fit decreasing: each row once, each bin's lengths summing <= capacity."""
+    lengths = np.asarray(lengths)
+    if len(lengths) and lengths.max() > capacity:
+        raise ValueError(f"a row of {lengths.max()} tokens does not fit a packed sequence of {capacity}")
+    free = np.zeros(0, np.int64)
+    bins: list[list[int]] = []
+    for index in np.argsort(-lengths, kind="stable"):
+        fits = np.flatnonzero(free >= lengths[index])
+        if len(fits):
+            free[fits[0]] -= lengths[index]
+            bins[fits[0]].append(int(index))
+        else:
+            free = np.append(free, capacity - lengths[index])
+            bins.append([int(index)])
+    return bins
 
 
 def split_at_mask(bert, text_with_mask: str) -> tuple[list[int], list[int]]:
@@ -53,49 +68,71 @@ def candidate_pieces(bert, candidates) -> dict[str, tuple[int, ...]]:
     return pieces
 
 
+def _packed_chunks(lengths: list[int]):
+    """Yields (sequence length, up to PACK_BATCH bins of row indices), one per forward call.
+
+    Rows up to PACK_LENGTH tokens share sequences of that length; a longer row gets one of its own (a multiple
+    of 32), so one long sentence does not widen every sequence.
+    """
+    by_capacity = defaultdict(list)
+    for index, length in enumerate(lengths):
+        by_capacity[PACK_LENGTH if length <= PACK_LENGTH else -(-length // 32) * 32].append(index)
+    for capacity, indices in by_capacity.items():
+        bins = [[indices[i] for i in members] for members in pack_rows([lengths[i] for i in indices], capacity)]
+        for start in range(0, len(bins), PACK_BATCH):
+            yield capacity, bins[start: start + PACK_BATCH]
+
+
 def run_rows(bert, rows: list[tuple], targets_per_row: list[list[int]], progress: bool = False) -> list[np.ndarray]:
     """Returns, per row (left ids, right ids, n_masks, filled prefix), the log-probs of its targets.
 
-    The scored position is the first still-masked one, i.e. [CLS] + left + len(prefix).
+    The scored position is the first still-masked one, i.e. [CLS] + left + len(prefix). Rows are packed several
+    to a sequence (segment ids keep their attention apart, positions restart per row), so short sentences
+    waste no padding; the last layer and the head run only at the scored positions.
     """
-    by_bucket = defaultdict(list)
-    for index, (left, right, n_masks, prefix) in enumerate(rows):
-        length = len(left) + n_masks + len(right) + 2
-        if length > bert.config.max_position_embeddings:
-            raise ValueError(f"masked text is {length} word-pieces long; the model takes at most "
+    sequences, scored = [], []
+    for left, right, n_masks, prefix in rows:
+        sequences.append([bert.cls_id, *left, *prefix, *[bert.mask_id] * (n_masks - len(prefix)), *right, bert.sep_id])
+        scored.append(1 + len(left) + len(prefix))
+        if len(sequences[-1]) > bert.config.max_position_embeddings:
+            raise ValueError(f"masked text is {len(sequences[-1])} word-pieces long; the model takes at most "
                              f"{bert.config.max_position_embeddings}. Shorten the text around the [MASK].")
-        by_bucket[min(_length_bucket(length), bert.config.max_position_embeddings)].append(index)
+    lengths = [len(sequence) for sequence in sequences]
     results: list = [None] * len(rows)
     bar = tqdm(total=len(rows), desc="masked LM rows", disable=not progress, leave=False)
-    for length, indices in by_bucket.items():
-        for start in range(0, len(indices), ROW_BATCH):
-            chunk = indices[start: start + ROW_BATCH]
-            batch = 8 if len(chunk) <= 8 else ROW_BATCH  # two batch shapes per length: few compilations
-            ids = np.full((batch, length), bert.config.pad_token_id, np.int32)
-            positions = np.zeros(batch, np.int32)
-            for slot, index in enumerate(chunk):
-                left, right, n_masks, prefix = rows[index]
-                sequence = [bert.cls_id, *left, *prefix, *[bert.mask_id] * (n_masks - len(prefix)), *right, bert.sep_id]
-                ids[slot, : len(sequence)] = sequence
-                positions[slot] = 1 + len(left) + len(prefix)
-            log_probs = np.asarray(bert._masked_log_probs(bert.params, ids, (ids != bert.config.pad_token_id).astype(np.int32), positions))
-            for slot, index in enumerate(chunk):
-                results[index] = log_probs[slot, targets_per_row[index]]
-            bar.update(len(chunk))
+    for capacity, chunk in _packed_chunks(lengths):
+        batch = 1 << (len(chunk) - 1).bit_length()  # a power of two: few compilations
+        slots = -(-max(len(b) for b in chunk) // 4) * 4
+        ids = np.full((batch, capacity), bert.config.pad_token_id, np.int32)
+        segments, position_ids = np.zeros((batch, capacity), np.int32), np.zeros((batch, capacity), np.int32)
+        query = np.zeros((batch, slots), np.int32)
+        for b, members in enumerate(chunk):
+            offset = 0
+            for slot, index in enumerate(members):
+                end = offset + lengths[index]
+                ids[b, offset:end] = sequences[index]
+                segments[b, offset:end] = slot + 1
+                position_ids[b, offset:end] = np.arange(lengths[index])
+                query[b, slot] = offset + scored[index]
+                offset = end
+        log_probs = np.asarray(bert._masked_log_probs(bert.params, ids, segments, query, position_ids))
+        for b, members in enumerate(chunk):
+            for slot, index in enumerate(members):
+                results[index] = log_probs[b, slot, targets_per_row[index]]
+        bar.update(sum(len(b) for b in chunk))
     bar.close()
     return results
 
 
-def chain_log_probs(bert, contexts: list[tuple[list[int], list[int]]], requests: list[tuple[int, tuple, int]],
-                    progress: bool = False) -> np.ndarray:
-    """Returns log P(pieces, filled left to right into n_masks masks) for requests (context index, pieces, n_masks).
+def plan_rows(contexts: list[tuple[list[int], list[int]]], requests: list[tuple[int, tuple, int]]):
+    """Returns the forward rows the chain rule needs and where each (request, piece) term reads its log-prob.
 
-    With n_masks == len(pieces) this is the exact candidate score; with fewer pieces than masks it is the score
-    of a prefix, an upper bound on every candidate that extends it.
+    rows: (left, right, n_masks, filled prefix), one per distinct (context, n_masks, prefix); row_targets: per
+    row {piece: slot}; term_request / term_row / term_slot: one entry per (request, piece).
     """
     row_index: dict = {}
     rows, row_targets = [], []
-    term_request, term_row, term_slot = [], [], []  # one entry per (request, piece)
+    term_request, term_row, term_slot = [], [], []
     for request, (context, pieces, n_masks) in enumerate(requests):
         for j, piece in enumerate(pieces):
             key = (context, n_masks, pieces[:j])
@@ -108,11 +145,41 @@ def chain_log_probs(bert, contexts: list[tuple[list[int], list[int]]], requests:
             term_request.append(request)
             term_row.append(row)
             term_slot.append(targets.setdefault(piece, len(targets)))
+    return rows, row_targets, term_request, term_row, term_slot
+
+
+def chain_log_probs(bert, contexts: list[tuple[list[int], list[int]]], requests: list[tuple[int, tuple, int]],
+                    progress: bool = False) -> np.ndarray:
+    """Returns log P(pieces, filled left to right into n_masks masks) for requests (context index, pieces, n_masks).
+
+    With n_masks == len(pieces) this is the exact candidate score; with fewer pieces than masks it is the score
+    of a prefix, an upper bound on every candidate that extends it.
+    """
+    return _score_plan(bert, plan_rows(contexts, requests), len(requests), progress)
+
+
+def grid_log_probs(bert, contexts: list[tuple[list[int], list[int]]], grid: list[tuple[tuple, int]],
+                   progress: bool = False) -> np.ndarray:
+    """Returns chain_log_probs of every (pieces, n_masks) in grid at every context: [contexts, grid].
+
+    The rows are planned once for the grid and repeated per context (no per-pair Python work).
+    """
+    rows, row_targets, term_request, term_row, term_slot = plan_rows([([], [])], [(0, p, n) for p, n in grid])
+    n = len(contexts)
+    plan = ([(*contexts[t], n_masks, prefix) for t in range(n) for _, _, n_masks, prefix in rows], row_targets * n,
+            (np.arange(n)[:, None] * len(grid) + np.array(term_request, np.int64)).ravel(),
+            (np.arange(n)[:, None] * len(rows) + np.array(term_row, np.int64)).ravel(), np.tile(term_slot, n))
+    return _score_plan(bert, plan, n * len(grid), progress).reshape(n, len(grid))
+
+
+def _score_plan(bert, plan, n_requests: int, progress: bool) -> np.ndarray:
+    """Runs a plan_rows plan and sums each request's log-prob terms."""
+    rows, row_targets, term_request, term_row, term_slot = plan
     row_log_probs = run_rows(bert, rows, [list(t) for t in row_targets], progress)
     offsets = np.cumsum([0] + [len(t) for t in row_targets])
     flat = np.concatenate(row_log_probs).astype(np.float64)
-    terms = flat[offsets[np.array(term_row)] + np.array(term_slot)]
-    return np.bincount(np.array(term_request), weights=terms, minlength=len(requests))
+    terms = flat[offsets[np.asarray(term_row)] + np.asarray(term_slot)]
+    return np.bincount(np.asarray(term_request), weights=terms, minlength=n_requests)
 
 
 def candidate_log_scores(bert, texts_with_mask: list[str], candidates, progress: bool = False) -> tuple[list[str], np.ndarray]:
@@ -120,9 +187,7 @@ def candidate_log_scores(bert, texts_with_mask: list[str], candidates, progress:
     bert.require_mlm_head()
     contexts = [split_at_mask(bert, text) for text in texts_with_mask]
     pieces = candidate_pieces(bert, candidates)
-    requests = [(t, p, len(p)) for t in range(len(contexts)) for p in pieces.values()]
-    scores = chain_log_probs(bert, contexts, requests, progress)
-    return list(pieces), scores.reshape(len(contexts), len(pieces))
+    return list(pieces), grid_log_probs(bert, contexts, [(p, len(p)) for p in pieces.values()], progress)
 
 
 def _normalise(log_scores: np.ndarray) -> np.ndarray:
@@ -152,8 +217,7 @@ def most_probable(bert, texts_with_mask: list[str], candidates, progress: bool =
     contexts = [split_at_mask(bert, text) for text in texts_with_mask]
     pieces = candidate_pieces(bert, candidates)
     names = list(pieces)
-    first = [(t, p[:1], len(p)) for t in range(len(contexts)) for p in pieces.values()]
-    bounds = chain_log_probs(bert, contexts, first, progress).reshape(len(contexts), len(names))
+    bounds = grid_log_probs(bert, contexts, [(p[:1], len(p)) for p in pieces.values()], progress)
     lengths = np.array([len(p) for p in pieces.values()])
     exact = np.where(lengths == 1, bounds, -np.inf)
     best_exact = exact.max(axis=1)
