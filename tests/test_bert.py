@@ -211,6 +211,27 @@ def test_adapt_checkpoints_resumes_and_writes_a_loadable_hf_folder(tmp_path, tin
         assert np.abs(ours - theirs).max() <= 1e-4
 
 
+def test_adapt_command_line_flags_reach_training(tmp_path):
+    from toyjax import bert_adapt
+
+    base = bert_lib.write_random_folder(tmp_path / "base", WORDS, with_mlm_head=False)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"the {w} cat sat on the mat {i} ." for i, w in enumerate(["big", "blue"] * 150)))
+    common = ["--corpus", str(corpus), "--base", str(base), "--batch-size", "2", "--seq-len", "16"]
+    summary = bert_adapt.main([*common, "--workdir", str(tmp_path / "run"), "--steps", "3", "--mask-rate", "0.5",
+                               "--eval-every", "2", "--save-every", "1"])
+    assert summary["step"] == 3
+    import json
+
+    settings = json.loads((tmp_path / "run" / "settings.json").read_text())
+    assert (settings["mask_rate"], settings["masked_per_row"], settings["batch_size"]) == (0.5, 7, 2)
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if r["split"] == "valid"] == [0, 2, 3]
+    assert sorted(int(d.name) for d in (tmp_path / "run" / "checkpoints").iterdir() if d.name.isdigit()) == [2, 3]
+    with pytest.raises(ValueError, match="mask_rate"):
+        bert_adapt.main([*common, "--workdir", str(tmp_path / "bad"), "--mask-rate", "1.5"])
+
+
 def test_contextual_simplifier_picks_the_masked_lm_argmax_over_top_words(tiny):
     import collections
 

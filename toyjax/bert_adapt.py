@@ -6,10 +6,11 @@
 The whole encoder is trained; the MLM head (dense + GELU + LayerNorm, decoder tied to the word embeddings) is
 created fresh when the base has none, its output bias set to the corpus's log piece frequencies so the first
 steps are not spent learning unigram statistics. The loss is computed only at the masked positions (a fixed
-number per row), which skips 60 % of the 30522-way softmax. 40 % of the pieces are masked rather than BERT's 15 %:
-on this budget it learns faster per step (held-out top-5 at step 300: 0.666 vs 0.630 at 25 %, 0.62 at 15 %; README). Runs resume from WORKDIR/checkpoints (orbax);
-WORKDIR/metrics.jsonl holds JSON lines; WORKDIR/hf is a Hugging Face folder (config.json, model.safetensors with
-the head under HF names, vocab.txt, tokenizer.json) that toyjax.models.bert.load and
+number per row), which skips 60 % of the 30522-way softmax. 40 % of the pieces are masked rather than BERT's
+15 %: on this budget it learns faster per step (held-out top-5 at step 300: 0.666 vs 0.630 at 25 %, 0.62 at
+15 %; README). Runs resume from WORKDIR/checkpoints (orbax); WORKDIR/metrics.jsonl holds JSON lines and
+WORKDIR/settings.json the run's settings; WORKDIR/hf is a Hugging Face folder (config.json, model.safetensors
+with the head under HF names, vocab.txt, tokenizer.json) that toyjax.models.bert.load and
 transformers.BertForMaskedLM.from_pretrained both read.
 """
 
@@ -126,7 +127,13 @@ def adapt(corpus, workdir, *, base=None, steps: int = 1050, batch_size: int = 32
         raise ValueError(f"{corpus}: too small to adapt on ({len(train_lines)} training lines, "
                          f"{len(eval_examples)} held-out masked words); give it more distinct lines of text")
     params = bert.params if bert.has_mlm_head else _init_head(bert, windows, seed)
+    if not 0 < mask_rate <= 1:
+        raise ValueError(f"mask_rate must be in (0, 1], got {mask_rate}")
     n_masked = max(1, round(mask_rate * (seq_len - 2)))
+    settings = {"corpus": str(corpus), "base": str(bert.folder), "steps": steps, "batch_size": batch_size,
+                "seq_len": seq_len, "learning_rate": learning_rate, "warmup_steps": warmup_steps,
+                "mask_rate": mask_rate, "masked_per_row": n_masked, "seed": seed}
+    (workdir / "settings.json").write_text(json.dumps(settings, indent=1))
     schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps, max(steps, warmup_steps + 1), learning_rate * 0.1)
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
     module = bert_lib.BertModule(bert.config)
