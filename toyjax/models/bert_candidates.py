@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from toyjax.models.bert import MASK_TOKEN
 
-PACK_LENGTH = 48  # tokens per packed sequence: longer costs more attention than it saves in padding
+PACK_LENGTH = 48  # tokens per packed sequence (~3 TinyStories rows); 32-128 measured within 10 % of each other
 PACK_BATCH = 16  # packed sequences per forward call
 
 
