@@ -229,7 +229,17 @@ def test_adapt_command_line_flags_reach_training(tmp_path):
     assert [r["step"] for r in logged if r["split"] == "valid"] == [0, 2, 3]
     assert sorted(int(d.name) for d in (tmp_path / "run" / "checkpoints").iterdir() if d.name.isdigit()) == [2, 3]
     with pytest.raises(ValueError, match="mask_rate"):
-        bert_adapt.main([*common, "--workdir", str(tmp_path / "bad"), "--mask-rate", "1.5"])
+        bert_adapt.adapt(corpus, tmp_path / "bad", base=base, mask_rate=1.5)
+    with pytest.raises(SystemExit):
+        bert_adapt.main([*common, "--workdir", str(tmp_path / "bad"), "--mask-rate", "0"])
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "short.txt").write_text("the cat sat .\n")
+    from toyjax.data.text import CorpusError
+
+    with pytest.raises(CorpusError, match="empty"):
+        bert_adapt.adapt(tmp_path / "empty.txt", tmp_path / "bad", base=base)
+    with pytest.raises(CorpusError, match="too small"):
+        bert_adapt.adapt(tmp_path / "short.txt", tmp_path / "bad", base=base)
 
 
 def test_contextual_simplifier_picks_the_masked_lm_argmax_over_top_words(tiny):

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from toyjax import probe
 from toyjax.checkpoints import Checkpoints
+from toyjax.data.text import CorpusError, read_text_file
 from toyjax.models import bert as bert_lib
 
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -117,18 +118,19 @@ def adapt(corpus, workdir, *, base=None, steps: int = 1050, batch_size: int = 32
           time_budget_s: float | None = None, eval_every: int = 200, save_every: int = 100,
           n_eval: int = 1000, seed: int = 0) -> dict:
     """Returns final {'step', 'top1', 'top5', 'seconds', 'hf_folder'}; trains, checkpoints, resumes, exports."""
+    if not 0 < mask_rate <= 1:
+        raise ValueError(f"mask_rate must be in (0, 1], got {mask_rate}")
+    text = read_text_file(Path(corpus))  # empty, binary and non-UTF-8 files are a CorpusError naming the file
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     bert = bert_lib.load(base)
-    train_lines, valid_lines = split_corpus(Path(corpus).read_text(encoding="utf-8"))
+    train_lines, valid_lines = split_corpus(text)
     windows = _windows(bert, train_lines, seq_len)
     eval_examples = probe.masked_word_examples(bert, probe.split_sentences(valid_lines), n_eval, seed=1)
     if not len(eval_examples) or not len(windows):
-        raise ValueError(f"{corpus}: too small to adapt on ({len(train_lines)} training lines, "
+        raise CorpusError(f"{corpus}: too small to adapt on ({len(train_lines)} training lines, "
                          f"{len(eval_examples)} held-out masked words); give it more distinct lines of text")
     params = bert.params if bert.has_mlm_head else _init_head(bert, windows, seed)
-    if not 0 < mask_rate <= 1:
-        raise ValueError(f"mask_rate must be in (0, 1], got {mask_rate}")
     n_masked = max(1, round(mask_rate * (seq_len - 2)))
     settings = {"corpus": str(corpus), "base": str(bert.folder), "steps": steps, "batch_size": batch_size,
                 "seq_len": seq_len, "learning_rate": learning_rate, "warmup_steps": warmup_steps,
@@ -217,6 +219,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--save-every", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if not 0 < args.mask_rate <= 1:
+        parser.error(f"--mask-rate must be in (0, 1], got {args.mask_rate}")
     return adapt(args.corpus, args.workdir, base=args.base, steps=args.steps, batch_size=args.batch_size,
                  seq_len=args.seq_len, learning_rate=args.learning_rate, mask_rate=args.mask_rate,
                  time_budget_s=args.time_budget_min * 60, eval_every=args.eval_every, save_every=args.save_every,
