@@ -228,9 +228,11 @@ def test_adapt_command_line_flags_reach_training(tmp_path):
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged if r["split"] == "valid"] == [0, 2, 3]
     assert sorted(int(d.name) for d in (tmp_path / "run" / "checkpoints").iterdir() if d.name.isdigit()) == [2, 3]
-    with pytest.raises(ValueError, match="mask_rate"):
+    from toyjax.config import ConfigError
+
+    with pytest.raises(ConfigError, match="mask_rate"):
         bert_adapt.adapt(corpus, tmp_path / "bad", base=base, mask_rate=1.5)
-    with pytest.raises(SystemExit):
+    with pytest.raises(ConfigError, match=r"mask_rate must be in \(0, 1\], got 0.0"):
         bert_adapt.main([*common, "--workdir", str(tmp_path / "bad"), "--mask-rate", "0"])
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "short.txt").write_text("the cat sat .\n")

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from toyjax import probe
 from toyjax.checkpoints import Checkpoints
+from toyjax.config import ConfigError
 from toyjax.data.text import CorpusError, read_text_file
 from toyjax.models import bert as bert_lib
 
@@ -119,7 +120,7 @@ def adapt(corpus, workdir, *, base=None, steps: int = 1050, batch_size: int = 32
           n_eval: int = 1000, seed: int = 0) -> dict:
     """Returns final {'step', 'top1', 'top5', 'seconds', 'hf_folder'}; trains, checkpoints, resumes, exports."""
     if not 0 < mask_rate <= 1:
-        raise ValueError(f"mask_rate must be in (0, 1], got {mask_rate}")
+        raise ConfigError(f"mask_rate must be in (0, 1], got {mask_rate}")
     text = read_text_file(Path(corpus))  # empty, binary and non-UTF-8 files are a CorpusError naming the file
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -219,8 +220,6 @@ def main(argv=None) -> dict:
     parser.add_argument("--save-every", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if not 0 < args.mask_rate <= 1:
-        parser.error(f"--mask-rate must be in (0, 1], got {args.mask_rate}")
     return adapt(args.corpus, args.workdir, base=args.base, steps=args.steps, batch_size=args.batch_size,
                  seq_len=args.seq_len, learning_rate=args.learning_rate, mask_rate=args.mask_rate,
                  time_budget_s=args.time_budget_min * 60, eval_every=args.eval_every, save_every=args.save_every,
