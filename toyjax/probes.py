@@ -30,7 +30,8 @@ from toyjax.evaluate import LN2, token_log_probs
 from toyjax.runs import Run
 
 FAMILIES = ("owner", "location", "pronoun")
-PRONOUN_WRONG = {"she": ("he",), "he": ("she",), "his": ("her",), "him": ("her",), "her": ("his", "him")}
+# The generator writes "her" only as a possessive ("her friend"), never as an object, so its rival is "his".
+PRONOUN_WRONG = {"she": ("he",), "he": ("she",), "his": ("her",), "him": ("her",), "her": ("his",)}
 _PRONOUN_RE = re.compile(r"\b(she|he|her|his|him)\b", re.IGNORECASE)
 
 
