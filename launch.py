@@ -5,6 +5,7 @@
   sample      WORKDIR [--prompt TEXT] [--n 4] [--temperature 0.8] [--top-k K] [--top-p P] [--greedy] [--free]
   inspect     WORKDIR [--samples 3] [--step N]
   bert-adapt  --corpus FILE --workdir DIR [--steps 1050 --time-budget-min 29.5]   MLM-adapt a BERT, writes DIR/hf
+  compare     RUN_A RUN_B [RUN_C ...] --out DIR [--text FILE] [--n-examples 200] [--n-probes 100]
 """
 
 from __future__ import annotations
@@ -105,8 +106,14 @@ def cmd_bert_adapt(argv: list[str]) -> None:
     bert_adapt.main(argv)
 
 
+def cmd_compare(argv: list[str]) -> None:
+    from toyjax import compare
+
+    compare.main(argv)
+
+
 COMMANDS = {"train": cmd_train, "quickstart": cmd_quickstart, "sample": cmd_sample, "inspect": cmd_inspect,
-            "bert-adapt": cmd_bert_adapt}
+            "bert-adapt": cmd_bert_adapt, "compare": cmd_compare}
 
 
 def main(argv: list[str]) -> int:

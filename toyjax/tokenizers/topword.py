@@ -164,6 +164,13 @@ class TopWordTokenizer:
     def encode(self, text: str) -> list[int]:
         return self.encode_batch([text])[0]
 
+    def encode_with_spans(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        """Returns, per text, its token ids and each token's [start, end) span over pre_tokenize(text).
+
+        A top-word token always stands for exactly one word (a rare word is replaced, never split or merged).
+        """
+        return [(ids, [(i, i + 1) for i in range(len(ids))]) for ids in self.encode_batch(list(texts))]
+
     def simplify(self, word: str) -> str:
         """Returns the vocabulary word that `word` becomes (itself if it is a top word)."""
         pieces = self.pre_tokenize(word)
