@@ -60,17 +60,19 @@ class MetricsWriter:
     """Appends records (dicts with 'step' and 'split') to metrics.jsonl and to TensorBoard event files."""
 
     def __init__(self, workdir: str | Path, *, restored_step: int | None = None):
-        """restored_step: the step a resumed run restarts from (None: a fresh run); later records are dropped."""
+        """restored_step: the step a resumed run restarts from, later records are dropped (None: a fresh run, all are)."""
         self.workdir = Path(workdir)
         self.path = self.workdir / METRICS_FILE
+        # Without a restored step, records of an earlier attempt that never checkpointed are dropped too.
+        after = restored_step if restored_step is not None else -1
         resuming = restored_step is not None or self.path.is_file()
         if self.path.is_file():
-            drop_records_after(self.path, restored_step or 0)
+            drop_records_after(self.path, after)
         self.file = open(self.path, "a")
         # Each session gets its own event file; the nanosecond suffix keeps same-second sessions apart and in
         # order (TensorBoard reads a folder's event files sorted by name).
         self.tensorboard = SummaryWriter(logdir=str(self.workdir), flush_secs=30,
-                                         purge_step=(restored_step or 0) + 1 if resuming else None,
+                                         purge_step=after + 1 if resuming else None,
                                          filename_suffix=f".{time.time_ns()}")
 
     def write(self, record: dict) -> None:
