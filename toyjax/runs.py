@@ -81,9 +81,9 @@ def prepare(cfg: Config, workdir: Path, *, quiet: bool = False):
     from toyjax.tokenizers import load_tokenizer
 
     cfg = config_lib.from_dict(cfg.to_dict())  # a private copy: filling in sizes must not touch the caller's
-    workdir.mkdir(parents=True, exist_ok=True)
-    docs = pipeline.load_documents(cfg.data)
+    docs = pipeline.load_documents(cfg.data)  # before the workdir exists: a missing corpus leaves nothing behind
     train_docs, valid_docs = pipeline.split_train_valid(docs, cfg.data.valid_fraction)
+    workdir.mkdir(parents=True, exist_ok=True)
     tokenizer_dir = workdir / "tokenizer"
     if (tokenizer_dir / "toyjax_tokenizer.json").is_file():
         tokenizer = load_tokenizer(tokenizer_dir)
