@@ -80,10 +80,10 @@ def make_checkpoint_scorer(run, grammar):
             totals += np.array([float(x) for x in sums])
             top_counts.update(t for t in np.asarray(top).ravel().tolist() if t >= 0)
         n_tokens, n_constrained = measures["tokens"], max(totals[3], 1)
-        vocab = run.tokenizer.vocab
+        top_invalid = {run.tokenizer.vocab[t]: round(float(c / n_constrained), 3) for t, c in top_counts.most_common(5)}
         return {**measures, "restricted_ppl": float(np.exp(totals[0] / n_tokens)),
                 "full_ppl": float(np.exp(totals[1] / n_tokens)), "invalid_mass": float(totals[2] / n_constrained),
-                "top_invalid_tokens": {vocab[t]: round(c / n_constrained, 3) for t, c in top_counts.most_common(5)}}
+                "top_invalid_tokens": top_invalid}
 
     return score
 
