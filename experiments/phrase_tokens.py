@@ -54,29 +54,21 @@ def fit_tokenizers(cfg, train_docs, workdir: Path):
 
 
 def validation_nll(run, stream: pipeline.TokenStream, batch_size: int = 32) -> tuple[float, int, int]:
-    """Returns (summed NLL in nats, scored tokens, scored words) over consecutive max_len windows of the stream."""
+    """Returns (summed NLL in nats, scored tokens, scored words) over consecutive max_len windows of the stream.
+
+    Scored by train's own eval step (the loss train.run reports), on the whole split rather than train.run's
+    evenly spaced sample of windows, so every validation word is counted exactly once.
+    """
     length = run.config.model.max_len
     n_windows = (len(stream.tokens) - 1) // length
-    starts = np.arange(n_windows) * length
-    index = starts[:, None] + np.arange(length + 1)[None, :]
+    index = (np.arange(n_windows) * length)[:, None] + np.arange(length + 1)[None, :]
     windows = stream.tokens[index]  # [n_windows, length + 1]
-
-    @jax.jit
-    def nll_of(inputs, targets):
-        logits = run.model.apply({"params": run.params}, inputs, deterministic=True)
-        return train.cross_entropy(logits, targets)
-
-    total = 0.0
-    for i in range(0, n_windows, batch_size):
-        chunk = windows[i:i + batch_size]
-        if len(chunk) < batch_size:  # keep one compiled shape: pad the batch, drop the padding's loss
-            padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - len(chunk), 0)])
-        else:
-            padded = chunk
-        nll = np.asarray(jax.device_get(nll_of(padded[:, :-1], padded[:, 1:])), np.float64)[: len(chunk)]
-        total += float(nll.sum())
+    batches = [{"inputs": w[:, :-1], "targets": w[:, 1:]}
+               for w in (windows[i:i + batch_size] for i in range(0, n_windows, batch_size))]
+    eval_step = jax.jit(train.make_eval_step(run.model, run.config))  # stories only: no grammar tables
+    measures = train.evaluate(eval_step, run.params, batches)
     targets = windows[:, 1:].reshape(-1)
-    return total, int(targets.size), count_words(run.tokenizer, targets)
+    return measures["nll_sum"], int(measures["tokens"]), count_words(run.tokenizer, targets)
 
 
 def describe(name: str, cfg, workdir: Path, result: dict, train_stream, valid_stream) -> dict:

@@ -8,11 +8,13 @@ Four variants on the same structured data (experiments/configs/sparse_output.py)
   plain+constrained       the same trained params, sampled with invalid tokens masked at every step
   valid_subset            train.loss="valid_subset" (invalid logits masked before the log-softmax), constrained
   valid_subset+state      the same plus model.grammar_state_embedding (grammar features added to the inputs)
-Every saved checkpoint is re-evaluated here on the whole validation split with the same two measures for all
-arms, so curves compare like with like:
+Every saved checkpoint is re-scored here exactly as train.run scores it (its validation batches, the run's own
+grammar tables from runs.run_grammar, train's eval step: loss/ppl/accuracy equal train.run's), plus the same
+measures for all arms, so curves compare like with like:
   * valid-restricted perplexity: softmax over the tokens the grammar allows (what constrained sampling draws from)
   * full perplexity: softmax over the whole vocabulary (meaningless for the valid-subset arms, shown to see it)
-  * invalid mass: probability the full softmax puts on forbidden tokens ("what the model puts there")
+  * invalid mass: probability the full softmax puts on forbidden tokens ("what the model puts there"), at the
+    positions where the grammar forbids any
 Writes WORKDIR/summary.json, WORKDIR/curves.png, WORKDIR/samples.png and prints a table.
 """
 
@@ -33,9 +35,8 @@ sys.path.insert(0, str(ROOT))
 
 from toyjax import config as config_lib  # noqa: E402
 from toyjax import grammar as grammar_lib  # noqa: E402
-from toyjax import load_run, train  # noqa: E402
+from toyjax import load_run, runs, train  # noqa: E402
 from toyjax.checkpoints import Checkpoints  # noqa: E402
-from toyjax.data import pipeline  # noqa: E402
 from toyjax.sample import cut_at_eos, sample  # noqa: E402
 
 CONFIG = ROOT / "experiments" / "configs" / "sparse_output.py"
@@ -46,49 +47,59 @@ ARMS = {  # trained arm -> (train.loss, model.grammar_state_embedding)
 }
 
 
-def make_scorer(model, tables, use_features: bool):
-    """Returns a jitted score(params, inputs, targets, state) -> (sums..., top forbidden token per position)."""
+def make_checkpoint_scorer(run, grammar):
+    """Returns score(params, batches) -> train.run's own validation measures plus the measures shared by all arms.
+
+    loss, ppl, accuracy: train's eval step with the arm's own loss, exactly what train.run reports for the step.
+    Then, the same for every arm, on the same batches, grammar masks and state features as training:
+      restricted_ppl      softmax over the tokens the grammar allows (what constrained sampling draws from)
+      full_ppl            softmax over the whole vocabulary
+      invalid_mass        full-softmax probability on forbidden tokens, at positions where the grammar forbids any
+      top_invalid_tokens  share of those positions where each token is the largest forbidden logit (top 5)
+    grammar: runs.run_grammar's tables for the run (the batches carry its states), never a separately compiled one.
+    """
+    eval_step = jax.jit(train.make_eval_step(run.model, run.config, grammar))
 
     @jax.jit
-    def score(params, inputs, targets, state):
-        valid = tables.valid[state]
-        features = tables.features[state] if use_features else None
-        logits = model.apply({"params": params}, inputs, state_features=features)
-        restricted = grammar_lib.masked_cross_entropy(logits, targets, valid)
-        full = grammar_lib.masked_cross_entropy(logits, targets, jnp.ones_like(valid))
+    def comparison_sums(params, batch):
+        valid, features = train.model_inputs(batch, grammar)
+        logits = run.model.apply({"params": params}, batch["inputs"], state_features=features, deterministic=True)
+        restricted = train.cross_entropy(logits, batch["targets"], valid)
+        full = train.cross_entropy(logits, batch["targets"])
+        constrained = ~valid.all(-1)  # [batch, length]: the grammar forbids some token here
         invalid = grammar_lib.invalid_probability(logits, valid)
-        in_grammar = state >= 2  # inside a structured document (outside one nothing is forbidden)
         top_invalid = jnp.argmax(jnp.where(valid, -jnp.inf, logits), axis=-1)
-        return (restricted.sum(), full.sum(), (invalid * in_grammar).sum(), in_grammar.sum(),
-                jnp.where(in_grammar, top_invalid, -1))
+        return (restricted.sum(), full.sum(), (invalid * constrained).sum(), constrained.sum(),
+                jnp.where(constrained, top_invalid, -1))
+
+    def score(params, batches) -> dict:
+        measures = train.evaluate(eval_step, params, batches)
+        totals, top_counts = np.zeros(4), collections.Counter()
+        for batch in batches:
+            *sums, top = jax.device_get(comparison_sums(params, batch))
+            totals += np.array([float(x) for x in sums])
+            top_counts.update(t for t in np.asarray(top).ravel().tolist() if t >= 0)
+        n_tokens, n_constrained = measures["tokens"], max(totals[3], 1)
+        top_invalid = {run.tokenizer.vocab[t]: round(float(c / n_constrained), 3) for t, c in top_counts.most_common(5)}
+        return {**measures, "restricted_ppl": float(np.exp(totals[0] / n_tokens)),
+                "full_ppl": float(np.exp(totals[1] / n_tokens)), "invalid_mass": float(totals[2] / n_constrained),
+                "top_invalid_tokens": top_invalid}
 
     return score
 
 
-def evaluate(run, score, stream: pipeline.TokenStream, batch_size: int = 32) -> dict:
-    """Returns restricted/full perplexity, invalid mass and the top forbidden tokens over the validation split."""
-    length = run.config.model.max_len
-    starts = np.arange((len(stream.tokens) - 1) // length) * length
-    index = starts[:, None] + np.arange(length + 1)[None, :]
-    windows, states = stream.tokens[index], stream.side["grammar_state"][index[:, :-1]]
-    totals = np.zeros(4)
-    top_counts = collections.Counter()
-    for i in range(0, len(windows), batch_size):
-        w, s = windows[i:i + batch_size], states[i:i + batch_size]
-        *sums, top = score(run.params, w[:, :-1], w[:, 1:], s)
-        totals += np.array([float(x) for x in sums])
-        top_counts.update(t for t in np.asarray(top).ravel().tolist() if t >= 0)
-    n_tokens = windows[:, 1:].size
-    vocab = run.tokenizer.vocab
-    return {"restricted_ppl": float(np.exp(totals[0] / n_tokens)), "full_ppl": float(np.exp(totals[1] / n_tokens)),
-            "invalid_mass": float(totals[2] / max(totals[3], 1)),
-            "top_invalid_tokens": {vocab[t]: round(float(c / max(totals[3], 1)), 3) for t, c in top_counts.most_common(5)}}
+def checkpoint_scoring(workdir: Path):
+    """Returns (the run's latest checkpoint, the validation batches and grammar train.run scored it with, scorer)."""
+    run = load_run(workdir)
+    batches, grammar = runs.validation_batches(run.config, run.tokenizer)  # each arm fits its own tokenizer
+    return run, batches, grammar, make_checkpoint_scorer(run, grammar)
 
 
 def grammatical_share(run, tables, *, constrained: bool, n: int, seed: int = 0) -> dict:
     """Samples n documents from the <eos> prompt; returns the share that are complete, grammatical programs.
 
-    tables: compiled with free_text=False, so a constrained sample must start a program ("calc").
+    tables: the run's grammar (runs.run_grammar); on the structured domain every document must be a program, so a
+    constrained sample must start one ("calc").
     """
     eos = run.tokenizer.eos_id
     tokens = sample(run.model, run.params, [eos], n=n, length=run.config.model.max_len, key=jax.random.key(seed),
@@ -126,26 +137,15 @@ def main(argv=None):
         result = train.run(cfg, workdir / arm, quiet=False)
         summary["arms"][arm] = {"final_train_run": {k: v for k, v in result.items() if isinstance(v, (int, float))}}
 
-    # One validation stream (the tokenizer is fitted on the same documents in every arm, so take the first).
-    first = load_run(workdir / "plain")
-    docs = pipeline.load_documents(first.config.data)
-    _, valid_docs = pipeline.split_train_valid(docs, first.config.data.valid_fraction)
-    stream = pipeline.TokenStream.encode(first.tokenizer, valid_docs)
-    tables, info = grammar_lib._compile(grammar_lib.load_default_grammar(), first.tokenizer.token_to_id,
-                                        grammar_lib.DEFAULT_MAX_DEPTH)
-    stream.side["grammar_state"] = grammar_lib.annotate(tables, stream.tokens, first.tokenizer.vocab)
-    summary["grammar"] = {"states": info["states"], "compile_seconds": info["compile_seconds"],
-                          "vocab_size": first.tokenizer.vocab_size}
-    programs_only = grammar_lib.compile_grammar(grammar_lib.load_default_grammar(), first.tokenizer.token_to_id,
-                                                free_text=False)
     tokens_per_step = base.train.batch_size * base.model.max_len
     for arm in ARMS:
         steps = Checkpoints(workdir / arm / "checkpoints", read_only=True).steps()
-        curve, score = [], None
+        last, batches, grammar, score = checkpoint_scoring(workdir / arm)
+        summary["grammar"] = {"states": int(grammar.valid.shape[0]), "vocab_size": last.tokenizer.vocab_size}
+        curve = []
         for step in steps:
-            run = load_run(workdir / arm, step)
-            score = score or make_scorer(run.model, tables, run.config.model.grammar_state_embedding)
-            curve.append({"step": step, "tokens": step * tokens_per_step, **evaluate(run, score, stream)})
+            params = last.params if step == last.step else load_run(workdir / arm, step).params
+            curve.append({"step": step, "tokens": step * tokens_per_step, **score(params, batches)})
         print(f"{arm:20s} " + "  ".join(f"{c['step']}:{c['restricted_ppl']:.3f}" for c in curve), flush=True)
         summary["arms"][arm]["curve"] = curve
         summary["arms"][arm]["final"] = curve[-1]
@@ -155,7 +155,8 @@ def main(argv=None):
     summary["sampling"] = {}
     for name, (arm, constrained) in variants.items():
         run = load_run(workdir / arm)
-        summary["sampling"][name] = grammatical_share(run, programs_only, constrained=constrained, n=args.samples)
+        grammar = runs.run_grammar(run.config, run.tokenizer)
+        summary["sampling"][name] = grammatical_share(run, grammar, constrained=constrained, n=args.samples)
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     plot(summary, workdir)
     print_table(summary)

@@ -32,8 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from toyjax import config as config_lib  # noqa: E402
-from toyjax import load_run, train  # noqa: E402
-from toyjax.data import pipeline  # noqa: E402
+from toyjax import load_run, runs, train  # noqa: E402
 from toyjax.models.decoder import Decoder  # noqa: E402
 
 CONFIG = ROOT / "experiments" / "configs" / "topk.py"
@@ -46,13 +45,6 @@ def arm_config(base: config_lib.Config, top_k: int | None) -> config_lib.Config:
     else:
         cfg.model.attention, cfg.model.attention_top_k = "topk", top_k
     return cfg
-
-
-def validation_batches(cfg, tokenizer, n_batches: int):
-    docs = pipeline.load_documents(cfg.data)
-    _, valid_docs = pipeline.split_train_valid(docs, cfg.data.valid_fraction)
-    stream = pipeline.TokenStream.encode(tokenizer, valid_docs)
-    return stream.eval_batches(n_batches, batch_size=cfg.train.batch_size, length=cfg.model.max_len)
 
 
 def entropies(model, params, batches) -> list[float]:
@@ -85,10 +77,13 @@ def dense_topk_mass(model, params, batches, ks) -> dict[int, float]:
     return {k: float(np.mean([np.cumsum(w, -1)[..., min(k, w.shape[-1]) - 1].mean() for w in weights])) for k in ks}
 
 
-def swapped_perplexity(cfg, params, batches, top_k: int) -> float:
-    """Returns the valid perplexity of dense-trained params run with top-k attention (no retraining)."""
+def swapped_perplexity(cfg, params, batches, grammar, top_k: int) -> float:
+    """Returns the valid perplexity of dense-trained params run with top-k attention (no retraining).
+
+    Scored as train.run scores the dense run (same batches, the run's grammar tables and loss), attention aside.
+    """
     swapped = arm_config(cfg, top_k)
-    eval_step = jax.jit(train.make_eval_step(Decoder(swapped.model), swapped))
+    eval_step = jax.jit(train.make_eval_step(Decoder(swapped.model), swapped, grammar))
     return train.evaluate(eval_step, params, batches)["ppl"]
 
 
@@ -149,8 +144,8 @@ def main(argv=None):
         result = train.run(cfg, workdir, quiet=True)
         shared_tokenizer = shared_tokenizer or workdir / "tokenizer"
         run = load_run(workdir)
-        # The very batches train.run scored, so every perplexity in the table is on the same tokens.
-        batches = validation_batches(run.config, run.tokenizer, run.config.train.eval_batches)
+        # The very batches (and grammar) train.run scored, so every perplexity in the table is on the same tokens.
+        batches, grammar = runs.validation_batches(run.config, run.tokenizer)
         samples = (workdir / "samples.txt").read_text().strip().split("\n\n")
         arms.append({
             "name": name, "top_k": top_k, "valid_loss": result["loss"], "valid_ppl": result["ppl"],
@@ -161,12 +156,13 @@ def main(argv=None):
         print(f"   valid ppl {result['ppl']:.3f}, entropy per layer "
               f"{[round(e, 2) for e in arms[-1]['attention_entropy']]}, {arms[-1]['seconds']:.0f}s", flush=True)
         if top_k is None:
-            dense_run, dense_batches = run, batches
+            dense_run, dense_batches, dense_grammar = run, batches, grammar
 
     summary = {
         "config": base.to_dict(), "arms": arms,
         "dense_topk_mass": {str(k): v for k, v in dense_topk_mass(dense_run.model, dense_run.params, dense_batches, ks).items()},
-        "dense_swapped_ppl": {str(k): swapped_perplexity(dense_run.config, dense_run.params, dense_batches, k) for k in ks},
+        "dense_swapped_ppl": {str(k): swapped_perplexity(dense_run.config, dense_run.params, dense_batches,
+                                                    dense_grammar, k) for k in ks},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot(summary, out / "topk_attention.png")

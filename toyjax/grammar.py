@@ -312,7 +312,7 @@ def compile_grammar(text: str, token_to_id: dict[str, int], max_depth: int = DEF
     return _compile(text, token_to_id, max_depth, free_text)[0]
 
 
-def _compile(text, token_to_id, max_depth, free_text=True):
+def _compile(text, token_to_id, max_depth, free_text):
     if max_depth < 1:
         raise GrammarError(f"max_depth must be at least 1, got {max_depth}")
     t0 = time.perf_counter()

@@ -53,7 +53,10 @@ def differences(saved: dict, wanted: dict, prefix: str = "") -> list[str]:
 
 
 def run_grammar(cfg: Config, tokenizer):
-    """Returns the compiled grammar tables of a run on the structured domain, else None."""
+    """Returns the grammar tables a run on the structured domain trains, scores and samples with, else None.
+
+    The one way to get them: anything that re-scores or samples a run must use these tables, not compile its own.
+    """
     if cfg.data.source not in ("structured", "mixed"):
         return None
     from toyjax import grammar as grammar_lib
@@ -63,17 +66,34 @@ def run_grammar(cfg: Config, tokenizer):
                                        free_text=cfg.data.source == "mixed")
 
 
-def _grammar_for(cfg: Config, tokenizer, streams):
-    """Compiles the run's grammar, if any, and annotates the streams with grammar states."""
+def encode_for_run(cfg: Config, tokenizer, *splits: list[str]):
+    """Returns (a TokenStream per list of documents, the run's grammar tables or None), as train.run feeds them.
+
+    On the structured domain each stream carries the grammar state of every token (side["grammar_state"]) under
+    run_grammar's tables: the masks and state features a run trains with, so whoever scores it uses the same.
+    """
     from toyjax import grammar as grammar_lib
 
+    streams = tuple(pipeline.TokenStream.encode(tokenizer, docs) for docs in splits)
     tables = run_grammar(cfg, tokenizer)
-    if tables is None:
-        return None
-    for stream in streams:
-        stream.side["grammar_state"] = np.asarray(grammar_lib.annotate(tables, stream.tokens, tokenizer.vocab), np.int32)
-    cfg.model.grammar_feature_sizes = tuple(int(s) for s in tables.feature_sizes)
-    return tables
+    if tables is not None:
+        for stream in streams:
+            stream.side["grammar_state"] = np.asarray(grammar_lib.annotate(tables, stream.tokens, tokenizer.vocab),
+                                                      np.int32)
+    return streams, tables
+
+
+def scored_batches(cfg: Config, valid_stream: pipeline.TokenStream) -> list[dict]:
+    """Returns the validation batches train.run scores: train.eval_batches batches of evenly spaced windows."""
+    return valid_stream.eval_batches(cfg.train.eval_batches, batch_size=cfg.train.batch_size, length=cfg.model.max_len)
+
+
+def validation_batches(cfg: Config, tokenizer) -> tuple[list[dict], object]:
+    """Returns (the validation batches train.run scores, the run's grammar tables or None) for a run's config."""
+    docs = pipeline.load_documents(cfg.data)
+    _, valid_docs = pipeline.split_train_valid(docs, cfg.data.valid_fraction)
+    (valid_stream,), tables = encode_for_run(cfg, tokenizer, valid_docs)
+    return scored_batches(cfg, valid_stream), tables
 
 
 def prepare(cfg: Config, workdir: Path, *, quiet: bool = False):
@@ -96,8 +116,9 @@ def prepare(cfg: Config, workdir: Path, *, quiet: bool = False):
     elif cfg.model.vocab_size != tokenizer.vocab_size:
         raise config_lib.ConfigError(f"model.vocab_size={cfg.model.vocab_size} but the tokenizer in {tokenizer_dir} "
                                      f"has {tokenizer.vocab_size} tokens; leave model.vocab_size=0 to take it from there")
-    streams = (pipeline.TokenStream.encode(tokenizer, train_docs), pipeline.TokenStream.encode(tokenizer, valid_docs))
-    grammar = _grammar_for(cfg, tokenizer, streams)
+    streams, grammar = encode_for_run(cfg, tokenizer, train_docs, valid_docs)
+    if grammar is not None:
+        cfg.model.grammar_feature_sizes = tuple(int(s) for s in grammar.feature_sizes)
     saved_path = workdir / "config.json"
     if saved_path.is_file():
         saved = json.loads(saved_path.read_text())

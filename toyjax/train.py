@@ -166,7 +166,7 @@ def run(cfg: Config, workdir: str | Path, *, quiet: bool = False, until: int | N
     eval_step = jax.jit(make_eval_step(model, cfg, grammar))
     train_stream, valid_stream = streams
     length, batch_size = cfg.model.max_len, cfg.train.batch_size
-    valid_batches = valid_stream.eval_batches(cfg.train.eval_batches, batch_size=batch_size, length=length)
+    valid_batches = runs.scored_batches(cfg, valid_stream)
 
     params = init_params(model, cfg)
     opt_state = tx.init(params)
