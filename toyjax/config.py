@@ -243,10 +243,10 @@ def load_config_file(path: str | Path) -> Config:
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file {path} has no get_config() function")
-    config = module.get_config()
-    if not isinstance(config, Config):
-        raise ConfigError(f"{path}: get_config() must return toyjax.config.Config, got {type(config).__name__}")
-    try:
+    try:  # an unknown attribute set in get_config() or a bad value: name the file too
+        config = module.get_config()
+        if not isinstance(config, Config):
+            raise ConfigError(f"get_config() must return toyjax.config.Config, got {type(config).__name__}")
         return validate(config)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None

@@ -77,7 +77,8 @@ def _check_workdir(workdir: Path) -> None:
     """Raises ConfigError if workdir, or the nearest of its parents that exists, is not a directory."""
     existing = next(p for p in (workdir, *workdir.parents) if p.exists())
     if not existing.is_dir():
-        raise config_lib.ConfigError(f"workdir {workdir}: {existing} is an existing file, not a directory; "
+        what = "is an existing file" if existing == workdir else f"is inside {existing}, an existing file"
+        raise config_lib.ConfigError(f"workdir {workdir} {what}, not a directory; "
                                      "give a new directory or one that holds a run")
 
 
