@@ -18,6 +18,14 @@ ROOT = Path(__file__).resolve().parent
 QUICKSTART = ROOT / "experiments" / "configs" / "quickstart.py"
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors end in one line starting with 'error:' (exit status 2)."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        self.exit(2, f"error: {self.prog}: {message}\n")
+
+
 def _config(path: str | Path, overrides: list[str]):
     from toyjax import config as config_lib
 
@@ -31,7 +39,7 @@ def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
 
 def cmd_train(argv: list[str]) -> None:
     rest, overrides = _split_overrides(argv)
-    parser = argparse.ArgumentParser(prog="launch.py train")
+    parser = _Parser(prog="launch.py train")
     parser.add_argument("--config", required=True, help="a config file, e.g. experiments/configs/quickstart.py")
     parser.add_argument("--workdir", required=True, help="where checkpoints, metrics and samples go (resumes if present)")
     parser.add_argument("--quiet", action="store_true")
@@ -43,7 +51,7 @@ def cmd_train(argv: list[str]) -> None:
 
 def cmd_quickstart(argv: list[str]) -> None:
     rest, overrides = _split_overrides(argv)
-    parser = argparse.ArgumentParser(prog="launch.py quickstart")
+    parser = _Parser(prog="launch.py quickstart")
     parser.add_argument("--workdir", default="runs/quickstart")
     args = parser.parse_args(rest)
     from toyjax import train
@@ -54,7 +62,7 @@ def cmd_quickstart(argv: list[str]) -> None:
 
 
 def cmd_sample(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="launch.py sample")
+    parser = _Parser(prog="launch.py sample")
     parser.add_argument("workdir")
     parser.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
     parser.add_argument("--n", type=int, default=4)
@@ -71,8 +79,9 @@ def cmd_sample(argv: list[str]) -> None:
 
     from toyjax import load_run
     from toyjax.runs import run_grammar
-    from toyjax.sample import cut_at_eos, sample
+    from toyjax.sample import check_sampling_settings, cut_at_eos, sample
 
+    check_sampling_settings(n=args.n, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     run = load_run(args.workdir, args.step)
     prompt = [run.tokenizer.eos_id] + run.tokenizer.encode(args.prompt)
     grammar = run_grammar(run.config, run.tokenizer)
@@ -90,7 +99,7 @@ def cmd_sample(argv: list[str]) -> None:
 
 
 def cmd_inspect(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="launch.py inspect")
+    parser = _Parser(prog="launch.py inspect")
     parser.add_argument("workdir")
     parser.add_argument("--samples", type=int, default=3)
     parser.add_argument("--step", type=int, default=None)
@@ -116,23 +125,32 @@ COMMANDS = {"train": cmd_train, "quickstart": cmd_quickstart, "sample": cmd_samp
             "bert-adapt": cmd_bert_adapt, "compare": cmd_compare}
 
 
+def one_line(message: str) -> str:
+    """Returns a message on one line: its first line, then any further lines (e.g. a list) joined by '; '."""
+    first, *rest = [line.strip() for line in str(message).splitlines() if line.strip()] or [""]
+    return " ".join([first, "; ".join(rest)]) if rest else first
+
+
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+    if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
-        if argv and argv[0] not in ("-h", "--help"):
-            print(f"unknown command {argv[0]!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
-            return 2
         return 0
+    if argv[0] not in COMMANDS:
+        print(__doc__, file=sys.stderr)
+        print(f"error: unknown command {argv[0]!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
     from toyjax.checkpoints import CheckpointError
     from toyjax.config import ConfigError
     from toyjax.data.text import CorpusError
     from toyjax.grammar import GrammarError
+    from toyjax.sample import SamplingError
     from toyjax.train import NonFiniteLossError
 
     try:
         COMMANDS[argv[0]](argv[1:])
-    except (ConfigError, CorpusError, CheckpointError, GrammarError, NonFiniteLossError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ConfigError, CorpusError, CheckpointError, GrammarError, NonFiniteLossError, SamplingError,
+            FileNotFoundError) as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 1
     return 0
 

@@ -59,7 +59,7 @@ def test_sampled_tokens_respect_top_k(model_and_params):
 def test_cut_at_eos_and_bad_lengths(model_and_params):
     model, params = model_and_params
     assert cut_at_eos(np.array([[0, 4, 5, 0, 6], [0, 1, 2, 3, 4]]), 0, skip=1) == [[4, 5], [1, 2, 3, 4]]
-    with pytest.raises(ValueError, match="must fit model.max_len"):
+    with pytest.raises(ValueError, match="length=40 must be more than the prompt's 1 tokens and at most model.max_len=12"):
         sample(model, params, [1], length=40)
     with pytest.raises(ValueError, match="non-empty prompt"):
         sample(model, params, [])

@@ -2,7 +2,10 @@
 
 A config file is a Python file with a docstring (the command that runs it and what to expect) and a
 `get_config() -> Config`. Command-line overrides look like `--config.model.d_model=256`; values are parsed
-with the type of the field they replace, and an unknown key is an error that names the nearest valid key.
+with the type of the field they replace, and an unknown key is an error that names the nearest valid key
+(also when a config file sets an attribute that is not a field). Every way of building a config
+(load_config_file, apply_overrides, from_dict, load) ends in `validate`, so a bad value is a ConfigError
+naming the key and what is allowed before any data is read or anything is compiled.
 """
 
 from __future__ import annotations
@@ -11,13 +14,30 @@ import dataclasses
 import difflib
 import importlib.util
 import json
+import math
 import typing
 from pathlib import Path
 from typing import Any
 
 
+class ConfigError(ValueError):
+    """A config key or value that cannot be used."""
+
+
+class _Section:
+    """Rejects attributes that are not fields, so `config.model.d_modle = 3` in get_config() is an error."""
+
+    key_prefix = ""  # the section's dotted path in Config; a class attribute, not a field (no annotation)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name not in {f.name for f in dataclasses.fields(self)}:
+            raise _unknown_key(self.key_prefix + name)
+        object.__setattr__(self, name, value)
+
+
 @dataclasses.dataclass
-class DataConfig:
+class DataConfig(_Section):
+    key_prefix = "data."
     # "stories" (embedded generator), "structured" (grammar domain), "mixed" (both), a path to a UTF-8 text
     # file or folder, or "hf:NAME" (Hugging Face datasets, optional and online only).
     source: str = "stories"
@@ -29,7 +49,8 @@ class DataConfig:
 
 
 @dataclasses.dataclass
-class TokenizerConfig:
+class TokenizerConfig(_Section):
+    key_prefix = "tokenizer."
     kind: str = "topword"  # "topword" or "phrase"
     vocab_size: int = 1024  # specials + top words (the base vocabulary for kind="phrase")
     lowercase: bool = True
@@ -40,7 +61,8 @@ class TokenizerConfig:
 
 # Model configs hash by value: a Decoder holding one can be a static argument of jax.jit.
 @dataclasses.dataclass(unsafe_hash=True)
-class MoEConfig:
+class MoEConfig(_Section):
+    key_prefix = "model.moe."
     n_experts: int = 8
     top_k: int = 2
     router: str = "noisy_topk"  # "noisy_topk" (Shazeer et al. 2017) or "switch" (Fedus et al. 2021)
@@ -54,7 +76,8 @@ class MoEConfig:
 
 
 @dataclasses.dataclass(unsafe_hash=True)
-class ModelConfig:
+class ModelConfig(_Section):
+    key_prefix = "model."
     vocab_size: int = 0  # 0 = taken from the tokenizer
     d_model: int = 128
     n_layers: int = 4
@@ -75,7 +98,8 @@ class ModelConfig:
 
 
 @dataclasses.dataclass
-class TrainConfig:
+class TrainConfig(_Section):
+    key_prefix = "train."
     steps: int = 2000
     batch_size: int = 32
     seed: int = 0
@@ -97,7 +121,7 @@ class TrainConfig:
 
 
 @dataclasses.dataclass
-class Config:
+class Config(_Section):
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = dataclasses.field(default_factory=TokenizerConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
@@ -108,10 +132,6 @@ class Config:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
-
-
-class ConfigError(ValueError):
-    """A config key or value that cannot be used."""
 
 
 def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
@@ -194,7 +214,7 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
         key, value = text.split("=", 1)
         key = key.removeprefix("config.")
         set_key(config, key, value)
-    return config
+    return validate(config)
 
 
 def from_dict(values: dict) -> Config:
@@ -210,7 +230,7 @@ def from_dict(values: dict) -> Config:
                 set_key(config, key, value)
 
     walk("", values)
-    return config
+    return validate(config)
 
 
 def load_config_file(path: str | Path) -> Config:
@@ -223,9 +243,160 @@ def load_config_file(path: str | Path) -> Config:
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file {path} has no get_config() function")
-    config = module.get_config()
-    if not isinstance(config, Config):
-        raise ConfigError(f"{path}: get_config() must return toyjax.config.Config, got {type(config).__name__}")
+    try:  # an unknown attribute set in get_config() or a bad value: name the file too
+        config = module.get_config()
+        if not isinstance(config, Config):
+            raise ConfigError(f"get_config() must return toyjax.config.Config, got {type(config).__name__}")
+        return validate(config)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+# -- validation ------------------------------------------------------------------------------------------------
+
+# Allowed values of the string fields whose choices live here; attention and ffn kinds come from the registry,
+# tokenizer kinds and simplification strategies from toyjax.tokenizers.
+POSITIONS = ("learned", "rotary")
+DTYPES = ("float32", "bfloat16", "float16")
+MOE_ROUTERS = ("noisy_topk", "switch")
+MOE_DISPATCHES = ("auto", "einsum", "sort")
+LOSSES = ("full", "valid_subset")
+GRAMMAR_SOURCES = ("structured", "mixed")  # data sources that come with grammar states
+MIN_TOKENIZER_WORDS = 5  # a vocabulary needs room for a few words beyond the special tokens
+
+# Ranges as intervals; "inf" leaves a side open. Cross-field rules are in _cross_field_problems.
+RANGES = {
+    "data.n_stories": "[1, inf)", "data.generator_seed": "[0, inf)", "data.structured_share": "[0, 1]",
+    "data.valid_fraction": "(0, 1)", "data.max_documents": "[0, inf)",
+    "tokenizer.phrase_vocab_size": "[0, inf)",
+    "model.vocab_size": "[0, inf)", "model.d_model": "[1, inf)", "model.n_layers": "[1, inf)",
+    "model.n_heads": "[1, inf)", "model.d_ff": "[1, inf)", "model.max_len": "[2, inf)", "model.dropout": "[0, 1)",
+    "model.attention_query_chunk": "[0, inf)", "model.moe.capacity_factor": "[0, inf)",
+    "model.moe.importance_coef": "[0, inf)", "model.moe.load_coef": "[0, inf)", "model.moe.balance_coef": "[0, inf)",
+    "model.moe.z_loss_coef": "[0, inf)",
+    "train.steps": "[1, inf)", "train.batch_size": "[1, inf)", "train.seed": "[0, inf)",
+    "train.learning_rate": "(0, inf)", "train.warmup_steps": "[0, inf)", "train.min_lr_ratio": "[0, 1]",
+    "train.weight_decay": "[0, inf)", "train.b2": "[0, 1)", "train.eval_every": "[1, inf)",
+    "train.eval_batches": "[1, inf)", "train.log_every": "[1, inf)", "train.checkpoint_every": "[1, inf)",
+    "train.keep_checkpoints": "[1, inf)", "train.n_samples": "[0, inf)", "train.sample_length": "[1, inf)",
+    "train.sample_temperature": "(0, inf)",
+}
+
+
+def get_key(config: Config, key: str) -> Any:
+    """Returns the value at a dotted key, e.g. get_key(config, 'model.moe.top_k')."""
+    node = config
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def in_interval(value: float, interval: str) -> bool:
+    """Returns whether value lies in an interval written like '[0, 1)' or '(0, inf)'."""
+    low, high = (float(x) for x in interval[1:-1].split(","))
+    above = value >= low if interval[0] == "[" else value > low
+    below = value <= high if interval[-1] == "]" else value < high
+    return above and below
+
+
+def _describe(interval: str) -> str:
+    low, high = (x.strip() for x in interval[1:-1].split(","))
+    if high == "inf":
+        return f"must be {'>=' if interval[0] == '[' else '>'} {low}"
+    return f"must be in {interval}"
+
+
+def _type_problems(config: Config) -> list[str]:
+    problems = []
+    for key in all_keys():
+        kind, value = _field_type(key), get_key(config, key)
+        if kind is float:
+            ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        elif kind is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif typing.get_origin(kind) is tuple:
+            ok = isinstance(value, tuple) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        else:
+            ok = isinstance(value, kind)
+        if not ok:
+            expected = "a finite float" if kind is float else getattr(kind, "__name__", str(kind))
+            problems.append(f"{key}={value!r} must be {expected}")
+    return problems
+
+
+def _field_type(key: str) -> Any:
+    node, *parts, leaf = [Config] + key.split(".")
+    for part in parts:
+        node = typing.get_type_hints(node)[part]
+    return typing.get_type_hints(node)[leaf]
+
+
+def _choice_problems(config: Config) -> list[str]:
+    from toyjax import tokenizers
+    from toyjax.models import registry
+    from toyjax.tokenizers import simplify
+
+    model = config.model
+    choices = {
+        "tokenizer.kind": tuple(tokenizers.TOKENIZER_KINDS),
+        # "contextual" registers itself only when imported (it pulls in BERT), as simplify.get_strategy says.
+        "tokenizer.simplify": tuple(sorted(simplify.STRATEGIES)) + ("contextual",),
+        "model.positions": POSITIONS, "model.dtype": DTYPES, "model.moe.router": MOE_ROUTERS,
+        "model.moe.dispatch": MOE_DISPATCHES, "train.loss": LOSSES,
+    }
+    problems = [f"{key}={get_key(config, key)!r} must be one of {', '.join(map(repr, allowed))}"
+                for key, allowed in choices.items() if get_key(config, key) not in allowed]
+    for lookup, name in ((registry.get_attention, model.attention), (registry.get_ffn, model.ffn)):
+        try:
+            lookup(name)
+        except ValueError as err:  # the registry's message names the key and the registered kinds
+            problems.append(str(err))
+    return problems
+
+
+def _cross_field_problems(config: Config) -> list[str]:
+    from toyjax.tokenizers.topword import SPECIALS
+
+    data, model, moe = config.data, config.model, config.model.moe
+    problems = []
+    if not data.source.strip() or data.source.strip() == "hf:":
+        problems.append(f"data.source={data.source!r} must name a corpus: 'stories', 'structured', 'mixed', "
+                        "a text file or folder, or 'hf:NAME'")
+    min_vocab = len(SPECIALS) + MIN_TOKENIZER_WORDS
+    if config.tokenizer.vocab_size < min_vocab:
+        problems.append(f"tokenizer.vocab_size={config.tokenizer.vocab_size} must be >= {min_vocab} "
+                        f"(the {len(SPECIALS)} special tokens plus at least {MIN_TOKENIZER_WORDS} words)")
+    if model.d_model >= 1 and model.n_heads >= 1:
+        if model.d_model % model.n_heads:
+            problems.append(f"model.n_heads={model.n_heads} must divide model.d_model={model.d_model}")
+        elif model.positions == "rotary" and (model.d_model // model.n_heads) % 2:
+            problems.append(f"model.positions='rotary' needs an even head size, but model.d_model={model.d_model} / "
+                            f"model.n_heads={model.n_heads} = {model.d_model // model.n_heads}")
+    if model.attention == "topk" and model.attention_top_k < 1:
+        problems.append(f"model.attention_top_k={model.attention_top_k} must be >= 1 with model.attention='topk'")
+    if model.ffn == "moe":
+        if moe.n_experts < 1:
+            problems.append(f"model.moe.n_experts={moe.n_experts} must be >= 1 with model.ffn='moe'")
+        elif not 1 <= moe.top_k <= moe.n_experts:
+            problems.append(f"model.moe.top_k={moe.top_k} must be between 1 and model.moe.n_experts={moe.n_experts}")
+    if any(size < 1 for size in model.grammar_feature_sizes):
+        problems.append(f"model.grammar_feature_sizes={model.grammar_feature_sizes} must all be >= 1")
+    for key, wanted in (("train.loss", "valid_subset"), ("model.grammar_state_embedding", True)):
+        if get_key(config, key) == wanted and data.source not in GRAMMAR_SOURCES:
+            problems.append(f"{key}={wanted!r} needs a grammar: set data.source to one of "
+                            f"{', '.join(map(repr, GRAMMAR_SOURCES))} (got {data.source!r})")
+    return problems
+
+
+def validate(config: Config) -> Config:
+    """Returns the config unchanged if every value is usable; else raises one ConfigError naming each bad key."""
+    problems = _type_problems(config)
+    if not problems:  # ranges and rules compare values, so they need the right types first
+        problems = [f"{key}={get_key(config, key)!r} {_describe(interval)}"
+                    for key, interval in RANGES.items() if not in_interval(get_key(config, key), interval)]
+        problems += _choice_problems(config) + _cross_field_problems(config)
+    if problems:
+        raise ConfigError("; ".join(problems))
     return config
 
 

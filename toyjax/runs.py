@@ -96,21 +96,30 @@ def validation_batches(cfg: Config, tokenizer) -> tuple[list[dict], object]:
     return scored_batches(cfg, valid_stream), tables
 
 
+def _check_workdir(workdir: Path) -> None:
+    """Raises ConfigError if workdir, or the nearest of its parents that exists, is not a directory."""
+    existing = next(p for p in (workdir, *workdir.parents) if p.exists())
+    if not existing.is_dir():
+        what = "is an existing file" if existing == workdir else f"is inside {existing}, an existing file"
+        raise config_lib.ConfigError(f"workdir {workdir} {what}, not a directory; "
+                                     "give a new directory or one that holds a run")
+
+
 def prepare(cfg: Config, workdir: Path, *, quiet: bool = False):
     """Returns (config, tokenizer, (train_stream, valid_stream), grammar tables or None) for a workdir."""
     from toyjax.tokenizers import load_tokenizer
 
     cfg = config_lib.from_dict(cfg.to_dict())  # a private copy: filling in sizes must not touch the caller's
-    docs = pipeline.load_documents(cfg.data)  # before the workdir exists: a missing corpus leaves nothing behind
+    _check_workdir(workdir)
+    docs = pipeline.load_documents(cfg.data)
     train_docs, valid_docs = pipeline.split_train_valid(docs, cfg.data.valid_fraction)
-    workdir.mkdir(parents=True, exist_ok=True)
     tokenizer_dir = workdir / "tokenizer"
-    if (tokenizer_dir / "toyjax_tokenizer.json").is_file():
-        tokenizer = load_tokenizer(tokenizer_dir)
-    else:
+    fit_here = not (tokenizer_dir / "toyjax_tokenizer.json").is_file()
+    if fit_here:
         log(f"fitting a {cfg.tokenizer.kind} tokenizer on {len(train_docs)} documents", quiet)
         tokenizer = pipeline.fit_tokenizer(cfg.tokenizer, train_docs)
-        tokenizer.save(tokenizer_dir)
+    else:
+        tokenizer = load_tokenizer(tokenizer_dir)
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = tokenizer.vocab_size
     elif cfg.model.vocab_size != tokenizer.vocab_size:
@@ -127,6 +136,10 @@ def prepare(cfg: Config, workdir: Path, *, quiet: bool = False):
         if problems:
             raise config_lib.ConfigError(f"{workdir} holds a different run; use another --workdir or the same config:\n  "
                                          + "\n  ".join(problems))
+    # Only now, with the config, corpus, tokenizer and grammar all usable, does the workdir get written.
+    workdir.mkdir(parents=True, exist_ok=True)
+    if fit_here:
+        tokenizer.save(tokenizer_dir)
     config_lib.save(cfg, saved_path)
     log(f"tokens: {len(streams[0].tokens):,} train, {len(streams[1].tokens):,} valid; vocab {tokenizer.vocab_size}", quiet)
     return cfg, tokenizer, streams, grammar

@@ -16,6 +16,31 @@ from toyjax.grammar import advance, constrain_logits
 from toyjax.models.decoder import Decoder
 
 
+class SamplingError(ValueError):
+    """A sampling setting (count, length, temperature, top-k, top-p) that cannot be used."""
+
+
+def check_sampling_settings(*, n: int, temperature: float, top_k: int, top_p: float) -> None:
+    """Returns None if the settings are usable; raises SamplingError naming the first that is not."""
+    if n < 1:
+        raise SamplingError(f"sample: n={n} must be >= 1 (the number of samples)")
+    if not temperature > 0:
+        raise SamplingError(f"sample: temperature={temperature} must be > 0 (use greedy decoding for the argmax)")
+    if top_k < 0:
+        raise SamplingError(f"sample: top_k={top_k} must be >= 0 (0 keeps every token)")
+    if not 0 < top_p <= 1:
+        raise SamplingError(f"sample: top_p={top_p} must be in (0, 1] (1 keeps every token)")
+
+
+def check_sample_length(prompt_length: int, length: int, max_len: int) -> None:
+    """Returns None if `length` tokens hold the prompt and one more token within max_len; else raises SamplingError."""
+    if prompt_length < 1:
+        raise SamplingError("sample: needs a non-empty prompt (e.g. [tokenizer.eos_id])")
+    if not prompt_length < length <= max_len:
+        raise SamplingError(f"sample: length={length} must be more than the prompt's {prompt_length} tokens and at "
+                            f"most model.max_len={max_len}")
+
+
 def filter_logits(logits, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
     """Returns logits [..., vocab] scaled by 1/temperature with everything outside top-k / top-p set to -inf."""
     logits = logits.astype(jnp.float32) / max(temperature, 1e-6)
@@ -69,10 +94,8 @@ def sample(model: Decoder, params, prompt: list[int], *, n: int = 1, length: int
     prompt token (default: grammar.start for every prompt position, i.e. a prompt outside the grammar).
     """
     length = length or model.cfg.max_len
-    if not prompt:
-        raise ValueError("sample() needs a non-empty prompt (e.g. [tokenizer.eos_id])")
-    if len(prompt) >= length or length > model.cfg.max_len:
-        raise ValueError(f"prompt of {len(prompt)} tokens and length {length} must fit model.max_len={model.cfg.max_len}")
+    check_sampling_settings(n=n, temperature=temperature, top_k=top_k, top_p=top_p)
+    check_sample_length(len(prompt), length, model.cfg.max_len)
     key = jax.random.key(0) if key is None else key
     buffer = jnp.zeros((n, length), jnp.int32).at[:, :len(prompt)].set(jnp.asarray(prompt, jnp.int32))
     state = jnp.zeros((n, length), jnp.int32)

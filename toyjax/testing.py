@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from toyjax.config import Config
+from toyjax.config import Config, set_key, validate
 
 
 def tiny_config(**sections) -> Config:
-    """Returns a config for a 2-layer, 32-wide decoder on 300 embedded stories, 16-token windows."""
+    """Returns a config for a 2-layer, 32-wide decoder on 300 embedded stories, 16-token windows.
+
+    sections: overrides such as model={"d_model": 64}; an unknown key or a bad value is a ConfigError.
+    """
     config = Config()
     config.data.n_stories = 300
     config.data.valid_fraction = 0.1
@@ -27,8 +30,8 @@ def tiny_config(**sections) -> Config:
     config.train.sample_length = 8
     for section, values in sections.items():
         for key, value in values.items():
-            setattr(getattr(config, section), key, value)
-    return config
+            set_key(config, f"{section}.{key}", value)
+    return validate(config)
 
 
 class BigramModel:

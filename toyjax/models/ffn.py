@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import flax.linen as nn
 import jax.numpy as jnp
 
-from toyjax.config import ModelConfig
 from toyjax.models.registry import register_ffn
+
+if TYPE_CHECKING:  # an annotation only: config validates ffn names against the registry, so no import back
+    from toyjax.config import ModelConfig
 
 
 @register_ffn("dense")
