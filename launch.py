@@ -5,6 +5,8 @@
   sample      WORKDIR [--prompt TEXT] [--n 4] [--temperature 0.8] [--top-k K] [--top-p P] [--greedy] [--free]
   inspect     WORKDIR [--samples 3] [--step N]
   bert-adapt  --corpus FILE --workdir DIR [--steps 1050 --time-budget-min 29.5]   MLM-adapt a BERT, writes DIR/hf
+  sweep       --config FILE --workdir DIR --grid model.d_model=64,128 [KEY=V,V ...] [--zip] [--seeds 0,1,2]
+              [--metric ppl] [--config.KEY=VALUE ...]   a run per point and seed; DIR/results.csv, .md, plots
 """
 
 from __future__ import annotations
@@ -105,8 +107,27 @@ def cmd_bert_adapt(argv: list[str]) -> None:
     bert_adapt.main(argv)
 
 
+def cmd_sweep(argv: list[str]) -> None:
+    rest, overrides = _split_overrides(argv)
+    parser = argparse.ArgumentParser(prog="launch.py sweep")
+    parser.add_argument("--config", required=True, help="the base config file; --config.KEY=V overrides apply to every point")
+    parser.add_argument("--workdir", required=True, help="the sweep folder (one sub-workdir per point; resumes if present)")
+    parser.add_argument("--grid", nargs="+", required=True, help="KEY=V1,V2,... items, e.g. model.d_model=64,128")
+    parser.add_argument("--zip", action="store_true", help="pair the i-th values of every key instead of a cross product")
+    parser.add_argument("--seeds", default="", help="comma-separated train.seed values (default: the config's)")
+    parser.add_argument("--metric", default="ppl", help="the metric to plot: loss, ppl, accuracy, tokens_per_s, params, wall_s")
+    parser.add_argument("--quiet", action="store_true", help="no per-run progress bars or logs")
+    args = parser.parse_args(rest)
+    from toyjax import sweep
+
+    base = _config(args.config, overrides)
+    points = sweep.expand_points(sweep.parse_grid(args.grid, base), paired=args.zip)
+    seeds = sweep.parse_seeds(args.seeds) if args.seeds else [base.train.seed]
+    sweep.run_sweep(base, points, args.workdir, seeds=seeds, metric=args.metric, quiet=args.quiet)
+
+
 COMMANDS = {"train": cmd_train, "quickstart": cmd_quickstart, "sample": cmd_sample, "inspect": cmd_inspect,
-            "bert-adapt": cmd_bert_adapt}
+            "bert-adapt": cmd_bert_adapt, "sweep": cmd_sweep}
 
 
 def main(argv: list[str]) -> int:
