@@ -110,12 +110,12 @@ def cmd_bert_adapt(argv: list[str]) -> None:
 def cmd_sweep(argv: list[str]) -> None:
     rest, overrides = _split_overrides(argv)
     parser = argparse.ArgumentParser(prog="launch.py sweep")
-    parser.add_argument("--config", required=True, help="the base config file; --config.KEY=V overrides apply to every point")
-    parser.add_argument("--workdir", required=True, help="the sweep folder (one sub-workdir per point; resumes if present)")
+    parser.add_argument("--config", required=True, help="the base config file (--config.KEY=V applies to every point)")
+    parser.add_argument("--workdir", required=True, help="the sweep folder (a sub-workdir per point; resumes)")
     parser.add_argument("--grid", nargs="+", required=True, help="KEY=V1,V2,... items, e.g. model.d_model=64,128")
-    parser.add_argument("--zip", action="store_true", help="pair the i-th values of every key instead of a cross product")
+    parser.add_argument("--zip", action="store_true", help="pair the i-th values of the keys, not a cross product")
     parser.add_argument("--seeds", default="", help="comma-separated train.seed values (default: the config's)")
-    parser.add_argument("--metric", default="ppl", help="the metric to plot: loss, ppl, accuracy, tokens_per_s, params, wall_s")
+    parser.add_argument("--metric", default="ppl", help="the metric to plot (loss, ppl, accuracy, ...)")
     parser.add_argument("--quiet", action="store_true", help="no per-run progress bars or logs")
     args = parser.parse_args(rest)
     from toyjax import sweep

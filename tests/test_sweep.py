@@ -82,6 +82,7 @@ def test_aggregate_is_mean_and_sample_std_over_seeds():
     assert table[0]["mean"]["ppl"] == pytest.approx(7 / 3) and table[0]["std"]["ppl"] == pytest.approx(math.sqrt(7 / 3))
     assert table[1]["mean"]["ppl"] == 5.0 and math.isnan(table[1]["std"]["ppl"])
     assert sweep.format_spread(7 / 3, math.sqrt(7 / 3)) == "2.333 ± 1.5"
+    assert sweep.format_spread(25139.3, 1234.4) == "25,139 ± 1,234" and sweep.format_spread(5.0, math.nan) == "5"
 
 
 # -- a real sweep, pre-empted in its third job and run again ----------------------------------------------------
@@ -142,7 +143,7 @@ def test_sweep_writes_one_row_per_point_and_seed_and_a_table_and_plot(interrupte
         cells = [c.strip() for c in line.strip("|").split("|")]
         ppl = np.array([float(r["ppl"]) for r in rows if int(r["model.d_model"]) == d_model])
         assert cells[:2] == [str(d_model), "2"]
-        assert cells[3] == f"{ppl.mean():.4g} ± {np.sqrt(((ppl - ppl.mean()) ** 2).sum() / 1):.2g}"
+        assert cells[3] == sweep.format_spread(ppl.mean(), np.sqrt(((ppl - ppl.mean()) ** 2).sum() / (2 - 1)))
     assert (workdir / "ppl_vs_model.d_model.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((workdir / "sweep.json").read_text())["seeds"] == SEEDS
 

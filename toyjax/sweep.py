@@ -70,7 +70,8 @@ def parse_grid(items: list[str], base: Config) -> dict[str, list]:
         key, sep, values = item.removeprefix("--").removeprefix("config.").partition("=")
         texts = [v.strip() for v in values.split(",")]
         if not sep or not key or not all(texts):
-            raise ConfigError(f"grid item {item!r} must look like model.d_model=64,128 (a key, '=', comma-separated values)")
+            raise ConfigError(f"grid item {item!r} must look like model.d_model=64,128 "
+                              "(a key, '=', comma-separated values)")
         if key in grid:
             raise ConfigError(f"grid key '{key}' is given twice; list all its values in one item")
         parsed = [parse_value(base, key, text) for text in texts]
@@ -126,7 +127,7 @@ def point_names(points: list[dict], seeds: list[int]) -> list[str]:
     short = short_key_names(list(dict.fromkeys(k for point in points for k in point)))
     names, identities = [], []
     for point, seed in itertools.product(points, seeds):
-        name = ",".join(f"{_safe(short[k])}={_safe(str(v))}" for k, v in point.items()) + f"{',' if point else ''}seed={seed}"
+        name = ",".join([*(f"{_safe(short[k])}={_safe(str(v))}" for k, v in point.items()), f"seed={seed}"])
         identity = json.dumps([sorted(point.items()), seed], default=str)
         if len(name) > _NAME_LIMIT:
             name = name[:_NAME_LIMIT - 9] + "-" + hashlib.sha1(identity.encode()).hexdigest()[:8]
@@ -210,7 +211,8 @@ def run_sweep(base: Config, points: list[dict], workdir: str | Path, *, seeds: l
     keys = list(dict.fromkeys(k for point in points for k in point))
     names = point_names(points, seeds)
     if len(set(names)) != len(names):
-        raise ConfigError("the sweep lists the same point twice: " + ", ".join(sorted({n for n in names if names.count(n) > 1})))
+        twice = sorted({name for name in names if names.count(name) > 1})
+        raise ConfigError(f"the sweep lists the same point twice: {', '.join(twice)}")
     jobs = [(point, seed, point_config(base, point, seed), name)
             for (point, seed), name in zip(itertools.product(points, seeds), names)]
     workdir = Path(workdir)
@@ -278,8 +280,9 @@ def aggregate(rows: list[dict], keys: list[str], columns: tuple[str, ...] = METR
 
 
 def format_spread(mean: float, std: float) -> str:
-    """Returns 'mean ± std' to 4 significant digits ('mean' alone when std is NaN)."""
-    return f"{mean:.4g}" if math.isnan(std) else f"{mean:.4g} ± {std:.2g}"
+    """Returns 'mean ± std': 4 significant digits, whole numbers from 1000 up; 'mean' alone when std is NaN."""
+    number = lambda x, digits: f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.{digits}g}"  # noqa: E731
+    return number(mean, 4) if math.isnan(std) else f"{number(mean, 4)} ± {number(std, 2)}"
 
 
 def markdown_table(table: list[dict], keys: list[str], seeds: list[int], metric: str) -> str:
