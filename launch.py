@@ -5,6 +5,7 @@
   sample      WORKDIR [--prompt TEXT] [--n 4] [--temperature 0.8] [--top-k K] [--top-p P] [--greedy] [--free]
   inspect     WORKDIR [--samples 3] [--step N]
   bert-adapt  --corpus FILE --workdir DIR [--steps 1050 --time-budget-min 29.5]   MLM-adapt a BERT, writes DIR/hf
+  compare     RUN_A RUN_B [RUN_C ...] --out DIR [--text FILE] [--n-examples 200] [--n-probes 100]
   sweep       --config FILE --workdir DIR --grid model.d_model=64,128 [KEY=V,V ...] [--zip] [--seeds 0,1,2]
               [--metric ppl] [--config.KEY=VALUE ...]   a run per point and seed; DIR/results.csv, .md, plots
 """
@@ -107,6 +108,12 @@ def cmd_bert_adapt(argv: list[str]) -> None:
     bert_adapt.main(argv)
 
 
+def cmd_compare(argv: list[str]) -> None:
+    from toyjax import compare
+
+    compare.main(argv)
+
+
 def cmd_sweep(argv: list[str]) -> None:
     rest, overrides = _split_overrides(argv)
     parser = argparse.ArgumentParser(prog="launch.py sweep")
@@ -127,7 +134,7 @@ def cmd_sweep(argv: list[str]) -> None:
 
 
 COMMANDS = {"train": cmd_train, "quickstart": cmd_quickstart, "sample": cmd_sample, "inspect": cmd_inspect,
-            "bert-adapt": cmd_bert_adapt, "sweep": cmd_sweep}
+            "bert-adapt": cmd_bert_adapt, "compare": cmd_compare, "sweep": cmd_sweep}
 
 
 def main(argv: list[str]) -> int:

@@ -29,10 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from toyjax import bert_adapt, probe  # noqa: E402
 from toyjax.models import bert as bert_lib  # noqa: E402
+from toyjax.data.text import CorpusError, read_text_file  # noqa: E402
 from toyjax.models import bert_candidates  # noqa: E402
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpora" / "tinystories_sample.txt"
-FALLBACK_TEXT = "Once upon a time a little girl named Lily went to the park with her dog. " * 50
 
 
 def model_folder(path: str | None, scratch: Path) -> Path:
@@ -46,12 +46,20 @@ def model_folder(path: str | None, scratch: Path) -> Path:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="HF BERT folder with an MLM head")
+    parser.add_argument("--corpus", default=str(CORPUS), help="UTF-8 text: candidates and held-out sentences")
     parser.add_argument("--sentences", type=int, default=8)
     parser.add_argument("--candidates", type=int, default=1000)
     parser.add_argument("--pipeline-batch-size", type=int, default=8)
     args = parser.parse_args(argv)
 
-    text = CORPUS.read_text(encoding="utf-8") if CORPUS.exists() else FALLBACK_TEXT
+    # No stand-in corpus: one repeated sentence would time a meaningless workload.
+    hint = "pass --corpus FILE (the TinyStories sample lives in ../shared/corpora)"
+    if not Path(args.corpus).is_file():
+        sys.exit(f"error: corpus file {args.corpus} does not exist; {hint}")
+    try:
+        text = read_text_file(Path(args.corpus))
+    except CorpusError as err:
+        sys.exit(f"error: {err}; {hint}")
     words = collections.Counter(re.findall(r"[a-z]+", text.lower()))
     candidates = [w for w, _ in words.most_common(args.candidates)]
     _, held_out = bert_adapt.split_corpus(text)

@@ -230,6 +230,13 @@ def test_adapt_command_line_flags_reach_training(tmp_path):
     assert sorted(int(d.name) for d in (tmp_path / "run" / "checkpoints").iterdir() if d.name.isdigit()) == [2, 3]
     from toyjax.config import ConfigError
 
+    # Resuming with other settings is refused, naming each difference; settings.json keeps the run's own.
+    saved = (tmp_path / "run" / "settings.json").read_text()
+    with pytest.raises(ConfigError, match=r"(?s)holds a bert-adapt run with other settings.*"
+                                          r"mask_rate: workdir has 0.5, config asks 0.25.*masked_per_row: workdir has 7"):
+        bert_adapt.main([*common, "--workdir", str(tmp_path / "run"), "--steps", "4", "--mask-rate", "0.25"])
+    assert (tmp_path / "run" / "settings.json").read_text() == saved
+
     with pytest.raises(ConfigError, match="mask_rate"):
         bert_adapt.adapt(corpus, tmp_path / "bad", base=base, mask_rate=1.5)
     with pytest.raises(ConfigError, match=r"mask_rate must be in \(0, 1\], got 0.0"):

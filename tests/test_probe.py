@@ -31,6 +31,23 @@ def test_features_are_the_encoder_states_at_the_mask(tiny, tmp_path):
     np.testing.assert_array_equal(probe.masked_features(tiny, examples, cache_dir=tmp_path), features)  # cached
 
 
+def test_feature_cache_is_keyed_by_the_weights(tmp_path):
+    cache = tmp_path / "cache"
+    first = bert_lib.load(bert_lib.write_random_folder(tmp_path / "model", WORDS, seed=0))
+    examples = probe.masked_word_examples(first, SENTENCES, n=5, max_len=16)
+    cached = probe.masked_features(first, examples, cache_dir=cache)
+    # Another folder with other weights, and the same folder re-written in place (a model adapted again).
+    other = bert_lib.load(bert_lib.write_random_folder(tmp_path / "other", WORDS, seed=3))
+    rewritten = bert_lib.load(bert_lib.write_random_folder(tmp_path / "model", WORDS, seed=5))
+    for bert in (other, rewritten):
+        states = bert.mlm_module.apply({"params": bert.params}, examples.ids, examples.attention_mask, method="encode")
+        expected = np.stack([np.asarray(s)[np.arange(len(examples)), examples.positions] for s in states])
+        assert not np.allclose(expected, cached, atol=1e-3)
+        np.testing.assert_allclose(probe.masked_features(bert, examples, cache_dir=cache), expected, atol=1e-5)
+    assert len(list(cache.iterdir())) == 3
+    np.testing.assert_array_equal(probe.masked_features(first, examples, cache_dir=cache), cached)  # still there
+
+
 def test_compact_linear_head_follows_the_full_head_exactly():
     rng = np.random.default_rng(0)
     features, targets = rng.normal(size=(24, 8)), rng.choice([3, 7, 11, 40], size=24)

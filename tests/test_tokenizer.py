@@ -46,6 +46,27 @@ def test_round_trip_and_readable_decode():
         tok.decode([10_000])
 
 
+def test_decode_restores_names_mid_sentence_and_a_reloaded_tokenizer_too(tmp_path):
+    from toyjax.data import stories
+
+    tok = TopWordTokenizer.fit(stories.generate_texts(300, seed=0), vocab_size=1000)
+    tok.save(tmp_path / "tok")
+    again = load_tokenizer(tmp_path / "tok")
+    # Other stories with the same names; those with a word the fitting stories never had would decode to <unk>.
+    texts = [t for t in stories.generate_texts(40, seed=1) if all(w in tok.token_to_id for w in tok.pre_tokenize(t))]
+    assert sum("named Lily" in t or "named Leo" in t or "named Sara" in t or "named Zoe" in t for t in texts) >= 3
+    for text in texts:
+        assert "Leo" not in tok.pre_tokenize(text) and "leo" in tok.pre_tokenize(text + " Leo")  # tokens are lowercase
+        assert tok.decode(tok.encode(text)) == text
+        assert again.decode(again.encode(text)) == text
+
+
+def test_a_capital_seen_only_at_sentence_starts_stays_there():
+    tok = TopWordTokenizer.fit(['The dog saw Rex. The cat ran to the dog and said "The end."'] * 3, vocab_size=30)
+    assert tok.surface_forms == {"rex": "Rex"}
+    assert tok.decode(tok.encode("the cat saw the dog and rex.")) == "The cat saw the dog and Rex."
+
+
 def test_stats_match_a_count_by_hand():
     tok = TopWordTokenizer.fit(CORPUS, vocab_size=20, simplify="nearest")
     words = [w for line in CORPUS for w in line.split()]

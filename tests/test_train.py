@@ -1,5 +1,6 @@
 import glob
 import json
+import os
 import shutil
 import warnings
 
@@ -90,6 +91,41 @@ def test_corrupted_checkpoint_is_named_and_previous_step_restores(trained, tmp_p
     # A leftover temporary folder from an interrupted save is not mistaken for a step.
     (copy / "checkpoints" / "12.orbax-checkpoint-tmp-1").mkdir()
     assert Checkpoints(copy / "checkpoints").steps() == [4, 8]
+
+
+def _truncate(path):
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("pattern, damage", [
+    ("params/**/d/*", _truncate),  # a write cut short
+    ("params/_METADATA", os.remove),  # a file lost
+    ("meta/*", lambda path: open(path, "w").write("{not json")),  # a garbled JSON item
+])
+def test_truncated_or_missing_checkpoint_files_fall_back_to_the_previous_step(trained, tmp_path, pattern, damage):
+    workdir, _ = trained
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    paths = glob.glob(str(copy / "checkpoints" / "8" / pattern), recursive=True)
+    assert paths
+    for path in paths:
+        damage(path)
+    with pytest.warns(UserWarning, match="checkpoints/8 is corrupted"):
+        assert load_run(copy).step == 4
+
+
+def test_a_bug_while_restoring_is_not_taken_for_a_damaged_step(trained, monkeypatch):
+    workdir, _ = trained
+
+    def buggy_restore(*args, **kwargs):
+        raise TypeError("a programming error")
+
+    monkeypatch.setattr(ocp.CheckpointManager, "restore", buggy_restore)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "corrupted, trying the previous step" warning either
+        with pytest.raises(TypeError, match="a programming error"):
+            load_run(workdir)
 
 
 def test_mismatched_checkpoint_and_config_are_clear_errors(trained, tmp_path):

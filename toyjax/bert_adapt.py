@@ -33,7 +33,9 @@ from toyjax import probe
 from toyjax.checkpoints import Checkpoints
 from toyjax.config import ConfigError
 from toyjax.data.text import CorpusError, read_text_file
+from toyjax.metrics import MetricsWriter
 from toyjax.models import bert as bert_lib
+from toyjax.runs import differences
 
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -136,6 +138,7 @@ def adapt(corpus, workdir, *, base=None, steps: int = 1050, batch_size: int = 32
     settings = {"corpus": str(corpus), "base": str(bert.folder), "steps": steps, "batch_size": batch_size,
                 "seq_len": seq_len, "learning_rate": learning_rate, "warmup_steps": warmup_steps,
                 "mask_rate": mask_rate, "masked_per_row": n_masked, "seed": seed}
+    _check_same_settings(workdir, settings)
     (workdir / "settings.json").write_text(json.dumps(settings, indent=1))
     schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps, max(steps, warmup_steps + 1), learning_rate * 0.1)
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
@@ -156,16 +159,18 @@ def adapt(corpus, workdir, *, base=None, steps: int = 1050, batch_size: int = 32
 
     # The project's checkpoint helper: a damaged step is named and the previous one restores.
     checkpoints = Checkpoints(workdir / "checkpoints", keep=2)
-    opt_state, step = optimizer.init(params), 0
+    opt_state, step, restored_step = optimizer.init(params), 0, None
     if checkpoints.latest_step() is not None:
         step, params, opt_state, _ = checkpoints.restore(params_like=params, opt_state_like=opt_state)
+        restored_step = step
         print(f"resumed from step {step}")
     state = {"params": params, "opt_state": opt_state, "step": jnp.array(step, jnp.int32)}
-    log = open(workdir / "metrics.jsonl", "a")
+    # Records a killed run wrote after its last checkpoint are dropped, so the log reads as one run.
+    log = MetricsWriter(workdir, restored_step=restored_step)
     elapsed_before = _previous_seconds(workdir / "metrics.jsonl")
     start = time.time()
     if step == 0:
-        log.write(json.dumps({"step": 0, "split": "valid", **mlm_accuracy(bert, eval_examples, params=state["params"]), "seconds": 0.0}) + "\n")
+        log.write({"step": 0, "split": "valid", **mlm_accuracy(bert, eval_examples, params=state["params"]), "seconds": 0.0})
     progress = tqdm(total=steps, initial=step, desc="bert-adapt")
     while step < steps and (time_budget_s is None or elapsed_before + time.time() - start < time_budget_s):
         inputs, positions, targets = _masked_batch(windows, step, seed, batch_size, n_masked, bert.mask_id, bert.config.vocab_size)
@@ -174,26 +179,37 @@ def adapt(corpus, workdir, *, base=None, steps: int = 1050, batch_size: int = 32
         seconds = elapsed_before + time.time() - start
         progress.update(1)
         progress.set_postfix(loss=f"{float(loss):.3f}")
-        log.write(json.dumps({"step": step, "split": "train", "loss": float(loss), "seconds": round(seconds, 1)}) + "\n")
+        log.write({"step": step, "split": "train", "loss": float(loss), "seconds": round(seconds, 1)})
         if step % save_every == 0:
             checkpoints.save(step, state["params"], state["opt_state"], {})
         if step % eval_every == 0:
             metrics = mlm_accuracy(bert, eval_examples, params=state["params"])
-            log.write(json.dumps({"step": step, "split": "valid", **metrics, "seconds": round(seconds, 1)}) + "\n")
+            log.write({"step": step, "split": "valid", **metrics, "seconds": round(seconds, 1)})
             progress.write(f"step {step}: held-out masked-word top-1 {metrics['top1']:.3f} top-5 {metrics['top5']:.3f}")
-        log.flush()
     progress.close()
     if checkpoints.latest_step() != step:
         checkpoints.save(step, state["params"], state["opt_state"], {})
     metrics = mlm_accuracy(bert, eval_examples, params=state["params"])
     seconds = elapsed_before + time.time() - start
-    log.write(json.dumps({"step": step, "split": "valid", **metrics, "seconds": round(seconds, 1)}) + "\n")
+    log.write({"step": step, "split": "valid", **metrics, "seconds": round(seconds, 1)})
     log.close()
     hf_folder = save_hf_folder(bert, state["params"], workdir / "hf", bert.folder)
     summary = {"step": step, **metrics, "seconds": round(seconds, 1), "hf_folder": str(hf_folder)}
     print(f"bert-adapt: step {step}, {seconds / 60:.1f} min, held-out masked-word top-1 {metrics['top1']:.3f} "
           f"top-5 {metrics['top5']:.3f} (n={metrics['n']}); wrote {hf_folder}")
     return summary
+
+
+def _check_same_settings(workdir: Path, settings: dict) -> None:
+    """Raises ConfigError listing the settings that differ from the ones WORKDIR/settings.json was written with."""
+    path = workdir / "settings.json"
+    if not path.is_file():
+        return
+    # steps may change (the schedule is stretched, as train.steps may); any other change makes another run.
+    problems = [line for line in differences(json.loads(path.read_text()), settings) if not line.startswith("steps:")]
+    if problems:
+        raise ConfigError(f"{workdir} holds a bert-adapt run with other settings; use another --workdir or the same "
+                          "settings:\n  " + "\n  ".join(problems))
 
 
 def _previous_seconds(path: Path) -> float:

@@ -24,6 +24,13 @@ class CheckpointError(RuntimeError):
     """No checkpoint in a folder could be restored."""
 
 
+# What reading a damaged step raises (found by garbling, truncating and deleting a step's files): tensorstore's
+# errors arrive as ValueError with a status (DATA_LOSS, OUT_OF_RANGE, NOT_FOUND), a garbled JSON file as
+# json.JSONDecodeError (a ValueError), a deleted file as FileNotFoundError, a deleted item folder as KeyError.
+# Anything else (TypeError, AttributeError, ...) is a bug and surfaces.
+DAMAGED_STEP_ERRORS = (ValueError, OSError, KeyError)
+
+
 class Checkpoints:
     def __init__(self, directory: str | Path, *, keep: int = 3, read_only: bool = False):
         self.directory = Path(directory).absolute()
@@ -74,7 +81,7 @@ class Checkpoints:
                 stored = getattr(stored, "tree", stored)
                 if not jax.tree.leaves(stored):
                     raise ValueError("its parameter metadata is missing or empty")
-            except Exception as err:  # orbax and tensorstore raise many types for damaged files
+            except DAMAGED_STEP_ERRORS as err:
                 failure = _describe(err)
             else:
                 if params_like is not None:
@@ -82,7 +89,7 @@ class Checkpoints:
                 try:
                     params, opt_state, meta = self._restore_step(candidate, params_like, opt_state_like)
                     return candidate, params, opt_state, meta
-                except Exception as err:
+                except DAMAGED_STEP_ERRORS as err:
                     failure = _describe(err)
             failures.append(f"{path}: {failure}")
             warnings.warn(f"checkpoint {path} is corrupted or unreadable ({failure}); trying the previous step",

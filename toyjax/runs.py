@@ -3,7 +3,8 @@
     WORKDIR/config.json      the full config (vocab size filled in)
     WORKDIR/tokenizer/       the fitted tokenizer (tokenizer.json usable outside toyjax)
     WORKDIR/checkpoints/     orbax steps (see toyjax.checkpoints)
-    WORKDIR/metrics.jsonl    one JSON object per log or eval step
+    WORKDIR/metrics.jsonl    one JSON object per log or eval step (see toyjax.metrics)
+    WORKDIR/events.out.*     the same metrics as TensorBoard event files
     WORKDIR/samples.txt      samples from the final params
     WORKDIR/loss.png         train and valid loss curves
 """
@@ -23,6 +24,7 @@ from toyjax import config as config_lib
 from toyjax.checkpoints import Checkpoints
 from toyjax.config import Config
 from toyjax.data import pipeline
+from toyjax.metrics import read_metrics
 from toyjax.models.decoder import Decoder
 
 # Keys whose change makes an existing workdir a different experiment (train.* may change, e.g. more steps).
@@ -38,12 +40,13 @@ def progress(start: int, total: int, quiet: bool):
     return tqdm(total=total, initial=start, desc="train", unit="step", disable=quiet, dynamic_ncols=True)
 
 
-def _differences(saved: dict, wanted: dict, prefix: str = "") -> list[str]:
+def differences(saved: dict, wanted: dict, prefix: str = "") -> list[str]:
+    """Returns one line per key whose value differs between two nested dicts ('a.b: workdir has X, config asks Y')."""
     out = []
     for key in sorted(saved.keys() | wanted.keys()):
         a, b = saved.get(key), wanted.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, f"{prefix}{key}.")
+            out += differences(a, b, f"{prefix}{key}.")
         elif a != b:
             out.append(f"{prefix}{key}: workdir has {a!r}, config asks {b!r}")
     return out
@@ -78,9 +81,9 @@ def prepare(cfg: Config, workdir: Path, *, quiet: bool = False):
     from toyjax.tokenizers import load_tokenizer
 
     cfg = config_lib.from_dict(cfg.to_dict())  # a private copy: filling in sizes must not touch the caller's
-    workdir.mkdir(parents=True, exist_ok=True)
-    docs = pipeline.load_documents(cfg.data)
+    docs = pipeline.load_documents(cfg.data)  # before the workdir exists: a missing corpus leaves nothing behind
     train_docs, valid_docs = pipeline.split_train_valid(docs, cfg.data.valid_fraction)
+    workdir.mkdir(parents=True, exist_ok=True)
     tokenizer_dir = workdir / "tokenizer"
     if (tokenizer_dir / "toyjax_tokenizer.json").is_file():
         tokenizer = load_tokenizer(tokenizer_dir)
@@ -99,7 +102,7 @@ def prepare(cfg: Config, workdir: Path, *, quiet: bool = False):
     if saved_path.is_file():
         saved = json.loads(saved_path.read_text())
         wanted = json.loads(cfg.to_json())
-        problems = [p for s in _IDENTITY_SECTIONS for p in _differences(saved.get(s, {}), wanted[s], f"{s}.")]
+        problems = [p for s in _IDENTITY_SECTIONS for p in differences(saved.get(s, {}), wanted[s], f"{s}.")]
         if problems:
             raise config_lib.ConfigError(f"{workdir} holds a different run; use another --workdir or the same config:\n  "
                                          + "\n  ".join(problems))
@@ -111,11 +114,6 @@ def prepare(cfg: Config, workdir: Path, *, quiet: bool = False):
 def mean_throughput(workdir: Path) -> float:
     rates = [r["tokens_per_s"] for r in read_metrics(workdir) if r.get("split") == "train"]
     return float(np.median(rates[1:] or rates)) if rates else 0.0  # the first interval holds compilation
-
-
-def read_metrics(workdir: str | Path) -> list[dict]:
-    path = Path(workdir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 def write_samples(cfg: Config, model, params, tokenizer, grammar, *, n: int, seed: int = 0) -> list[str]:

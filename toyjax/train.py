@@ -7,7 +7,6 @@ no Python state, so a device mesh can wrap it unchanged (jax.jit with in/out sha
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Callable
@@ -19,7 +18,12 @@ import optax
 
 from toyjax.checkpoints import Checkpoints
 from toyjax.config import Config, TrainConfig
+from toyjax.metrics import MetricsWriter
 from toyjax.models.decoder import Decoder
+
+
+# Checkpoint meta key: the train metrics of the steps since the last log (a log averages its interval's steps).
+UNLOGGED_METRICS = "train_metrics_since_last_log"
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -167,49 +171,49 @@ def run(cfg: Config, workdir: str | Path, *, quiet: bool = False, until: int | N
     params = init_params(model, cfg)
     opt_state = tx.init(params)
     checkpoints = Checkpoints(workdir / "checkpoints", keep=cfg.train.keep_checkpoints)
-    start = 0
+    start, restored_step, pending = 0, None, []
     if checkpoints.latest_step() is not None:
-        start, params, opt_state, _ = checkpoints.restore(params_like=params, opt_state_like=opt_state)
+        start, params, opt_state, meta = checkpoints.restore(params_like=params, opt_state_like=opt_state)
+        restored_step, pending = start, meta.get(UNLOGGED_METRICS, [])
         runs.log(f"resuming from step {start} in {workdir}", quiet)
-    metrics_file = open(workdir / "metrics.jsonl", "a")
+    metrics = MetricsWriter(workdir, restored_step=restored_step)  # drops records a killed run wrote after `start`
     last_good = checkpoints.latest_step()
     all_finite = jnp.asarray(True)
-    log_since, log_time = start, time.perf_counter()
-    pending = []
+    log_since = start - len(pending)
+    timed_since, log_time = start, time.perf_counter()
     progress = runs.progress(start, cfg.train.steps, quiet)
     result = {}
     stop = min(cfg.train.steps, until) if until is not None else cfg.train.steps
     try:
         for step in range(start, stop):
             batch = train_stream.batch(step, seed=cfg.train.seed, batch_size=batch_size, length=length)
-            params, opt_state, metrics = train_step(params, opt_state, batch, step_key(cfg.train.seed, step))
-            all_finite = all_finite & metrics["finite"]
-            pending.append(metrics)
+            params, opt_state, step_metrics = train_step(params, opt_state, batch, step_key(cfg.train.seed, step))
+            all_finite = all_finite & step_metrics.pop("finite")
+            pending.append(step_metrics)
             done = step + 1
             progress.update(1)
-            if done % cfg.train.log_every == 0 or done == stop:
+            if done % cfg.train.log_every == 0 or done == cfg.train.steps:
                 _check_finite(all_finite, log_since, done, last_good, checkpoints)
                 now = time.perf_counter()
-                record = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]}
-                record.pop("finite")
+                per_step = _per_step(pending)
+                record = {k: float(np.mean([m[k] for m in per_step])) for k in per_step[0]}
                 record.update(step=done, split="train", lr=float(learning_rate_schedule(cfg.train)(done)),
-                              tokens_per_s=(done - log_since) * batch_size * length / (now - log_time))
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
+                              tokens_per_s=(done - timed_since) * batch_size * length / (now - log_time))
+                metrics.write(record)
                 progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-                pending, log_since, log_time = [], done, time.perf_counter()
+                pending, log_since, timed_since, log_time = [], done, done, time.perf_counter()
             if done % cfg.train.eval_every == 0 or done == cfg.train.steps:
                 result = evaluate(eval_step, params, valid_batches)
-                metrics_file.write(json.dumps({"step": done, "split": "valid", **result}) + "\n")
-                metrics_file.flush()
+                metrics.write({"step": done, "split": "valid", **result})
                 log_time = time.perf_counter()  # keep evaluation out of the throughput figure
             if done % cfg.train.checkpoint_every == 0 or done == stop:
                 _check_finite(all_finite, log_since, done, last_good, checkpoints)
-                checkpoints.save(done, params, opt_state, {"config": cfg.to_dict()})
+                # Steps since the last log go with the checkpoint, so a resumed run logs the same averages.
+                checkpoints.save(done, params, opt_state, {"config": cfg.to_dict(), UNLOGGED_METRICS: _per_step(pending)})
                 last_good = done
     finally:
         progress.close()
-        metrics_file.close()
+        metrics.close()
     if not result:  # nothing left to train: report the restored model
         result = evaluate(eval_step, params, valid_batches)
     result["step"] = max(stop, start)
@@ -218,6 +222,11 @@ def run(cfg: Config, workdir: str | Path, *, quiet: bool = False, until: int | N
     result["tokens_per_s"] = runs.mean_throughput(workdir)
     runs.finish(cfg, workdir, model, params, tokenizer, grammar, result, quiet=quiet)
     return result
+
+
+def _per_step(pending: list[dict]) -> list[dict]:
+    """Returns each step's metrics as Python floats (JSON for a checkpoint's meta; a mean in float64 either way)."""
+    return [{k: float(v) for k, v in jax.device_get(m).items()} for m in pending]
 
 
 def _check_finite(all_finite, since: int, now: int, last_good, checkpoints: Checkpoints) -> None:

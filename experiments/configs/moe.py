@@ -10,8 +10,8 @@ run). A small one, ~5 min for 8 arms on a shared 2-core machine,
 measured: dense valid ppl 109.6; every MoE arm worse at this budget (+4.5 % for 16x1-switch up to +17.7 % for noisy
 16x1); noisy top-2 usage entropy 0.88 with aux losses vs 0.70 without; noisy top-1 poorly balanced (0.25 with 16
 experts: the gate is constant 1 at k = 1) while Switch top-1 stays near 0.9.
-Dropless (capacity_factor 0), so no arm loses tokens; TinyStories sample when ../shared/corpora has it, else
-the embedded stories.
+Dropless (capacity_factor 0), so no arm loses tokens. Reads the TinyStories sample in ../shared/corpora; without
+it, add --config.data.source=stories for the embedded stories (6,000 of them).
 """
 
 from pathlib import Path
@@ -23,11 +23,8 @@ CORPUS = Path(__file__).resolve().parents[3] / "shared" / "corpora" / "tinystori
 
 def get_config() -> Config:
     config = Config()
-    if CORPUS.is_file():
-        config.data.source = str(CORPUS)
-    else:
-        config.data.source = "stories"
-        config.data.n_stories = 6000
+    config.data.source = str(CORPUS)  # missing: a CorpusError naming it and the override to use
+    config.data.n_stories = 6000  # used only with --config.data.source=stories
     config.tokenizer.vocab_size = 512
     config.model.d_model = 64
     config.model.n_layers = 2

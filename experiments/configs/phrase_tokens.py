@@ -5,8 +5,8 @@ python experiments/phrase_tokens.py --workdir runs/phrase_tokens
 tokenizer.kind="topword")
 Expect: 1.22 words per phrase token, so the same token budget reads ~22 % more words; bits per word over the
 whole validation split about 5.6 (word) vs 5.8 (phrase), i.e. phrases ~3 % worse per word, plus training words/s
-and samples for both arms. ~8 min for both arms on a contended 2-core CPU (less on a quiet one). Without
-../shared/corpora it falls back to the embedded stories.
+and samples for both arms. ~8 min for both arms on a contended 2-core CPU (less on a quiet one). Reads the
+TinyStories sample in ../shared/corpora; without it, add --config.data.source=stories (3,000 embedded stories).
 """
 
 from pathlib import Path
@@ -18,11 +18,8 @@ CORPUS = Path(__file__).resolve().parents[3] / "shared" / "corpora" / "tinystori
 
 def get_config() -> Config:
     config = Config()
-    if CORPUS.is_file():
-        config.data.source = str(CORPUS)
-    else:
-        config.data.source = "stories"
-        config.data.n_stories = 3000
+    config.data.source = str(CORPUS)  # missing: a CorpusError naming it and the override to use
+    config.data.n_stories = 3000  # used only with --config.data.source=stories
     config.data.valid_fraction = 0.05
     config.tokenizer.kind = "phrase"
     config.tokenizer.vocab_size = 1024  # specials + top words, the same in both arms

@@ -37,6 +37,7 @@ RARE_RATE = 0.08
 class Story:
     text: str
     facts: dict  # genders, owners ("red kite" -> name), locations (name -> place), pronouns [(sentence, word, name)]
+    sentences: list[str] = dataclasses.field(default_factory=list)  # text == " ".join(sentences)
 
 
 def with_article(phrase: str) -> str:
@@ -130,7 +131,7 @@ def _story(rng: random.Random) -> Story:
     w.say(f"At the end of the day, the {things[0]} belonged to {owner}.")
     w.say(f"{hero} was at the {w.facts['locations'][hero]}.")
     w.say("The end.")
-    return Story(" ".join(w.sentences), w.facts)
+    return Story(" ".join(w.sentences), w.facts, list(w.sentences))
 
 
 def generate_stories(n: int, seed: int = 0) -> list[Story]:

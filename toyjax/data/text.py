@@ -38,7 +38,8 @@ def read_corpus(path: str | Path) -> list[str]:
     elif path.is_file():
         files = [path]
     else:
-        raise CorpusError(f"corpus path {path} does not exist")
+        raise CorpusError(f"corpus file {path} does not exist; point --config.data.source at a UTF-8 file or folder, "
+                          f"or use the generated stories with --config.data.source=stories")
     documents = []
     for file in files:
         documents += split_documents(read_text_file(file))

@@ -315,6 +315,15 @@ class PhraseTokenizer:
     def encode(self, text: str) -> list[int]:
         return self.encode_batch([text])[0]
 
+    def encode_with_spans(self, texts: Sequence[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        """Returns, per text, its token ids and each token's [start, end) span over pre_tokenize(text)."""
+        out = []
+        for base_ids in self.base.encode_batch(list(texts)):
+            ids = self.phrase_ids_from_base(base_ids)
+            ends = np.cumsum([len(self.expansions[i]) for i in ids], dtype=np.int64)
+            out.append((ids, [(int(end) - len(self.expansions[i]), int(end)) for i, end in zip(ids, ends)]))
+        return out
+
     def to_base_ids(self, ids: Iterable[int]) -> list[int]:
         """Returns the base (top-word) ids that the phrase ids stand for."""
         out: list[int] = []

@@ -27,8 +27,12 @@ _NO_SPACE_AFTER = set("([{$")
 _SENTENCE_END = set(".!?")
 
 
-def detokenize(words: list[str], capitalize: bool) -> str:
-    """Returns readable text: no space before punctuation, paired double quotes, optional sentence capitals."""
+def detokenize(words: list[str], capitalize: bool, surface_forms: dict[str, str] | None = None) -> str:
+    """Returns readable text: no space before punctuation, paired double quotes, optional sentence capitals.
+
+    surface_forms: a word's spelling in running text where it is not the token itself ("lily" -> "Lily").
+    """
+    surface_forms = surface_forms or {}
     out: list[str] = []
     quote_open = False
     glue_next = True  # no space before the first word
@@ -39,7 +43,7 @@ def detokenize(words: list[str], capitalize: bool) -> str:
                 out.append("\n")
                 glue_next, new_sentence, quote_open = True, True, False
                 continue
-        text = word
+        text = surface_forms.get(word, word)
         if capitalize and new_sentence and text[:1].isalpha():
             text = text[0].upper() + text[1:]
         if capitalize and text == "i":
@@ -53,7 +57,7 @@ def detokenize(words: list[str], capitalize: bool) -> str:
             glue_after = word in _NO_SPACE_AFTER
         out.append((" " if space else "") + text)
         glue_next = glue_after
-        if word in _SENTENCE_END:
+        if word in _SENTENCE_END or (word == '"' and quote_open):  # quoted speech opens a sentence
             new_sentence = True
         elif word != '"':
             new_sentence = False
@@ -65,11 +69,14 @@ class TopWordTokenizer:
 
     kind = "topword"
 
-    def __init__(self, hf: Tokenizer, strategy, *, lowercase: bool, stats: dict | None = None):
+    def __init__(self, hf: Tokenizer, strategy, *, lowercase: bool, stats: dict | None = None,
+                 surface_forms: dict[str, str] | None = None):
         self.hf = hf
         self.strategy = strategy
         self.lowercase = lowercase
         self.stats = stats or {}
+        # Lowercased words whose usual mid-sentence spelling differs (names: "lily" -> "Lily"); used by decode.
+        self.surface_forms = surface_forms or {}
         self.token_to_id: dict[str, int] = hf.get_vocab()
         self.vocab: list[str] = [None] * len(self.token_to_id)
         for token, index in self.token_to_id.items():
@@ -96,6 +103,7 @@ class TopWordTokenizer:
         """
         if vocab_size <= len(SPECIALS):
             raise ValueError(f"vocab_size must exceed the {len(SPECIALS)} special tokens, got {vocab_size}")
+        texts = list(texts)
         splitter = cls._hf_tokenizer({s: i for i, s in enumerate(SPECIALS)}, lowercase)
         documents = [cls._split(splitter, text) for text in texts]
         counts = collections.Counter(w for words in documents for w in words)
@@ -106,9 +114,31 @@ class TopWordTokenizer:
         vocab = {token: i for i, token in enumerate(list(SPECIALS) + top_words)}
         strategy = simplify_lib.get_strategy(simplify)(**(simplify_options or {}))
         strategy.fit(counts, top_words, documents)
-        tokenizer = cls(cls._hf_tokenizer(vocab, lowercase), strategy, lowercase=lowercase)
+        surface_forms = cls._surface_forms(texts, top_words) if lowercase else {}
+        tokenizer = cls(cls._hf_tokenizer(vocab, lowercase), strategy, lowercase=lowercase, surface_forms=surface_forms)
         tokenizer.stats = tokenizer._corpus_stats(counts)
         return tokenizer
+
+    @classmethod
+    def _surface_forms(cls, texts: list[str], words: list[str]) -> dict[str, str]:
+        """Returns {word: its most frequent mid-sentence spelling} for the words whose spelling is not all lowercase.
+
+        Sentence-initial occurrences (after . ! ? or a quote, or first in a text) are not counted: their capital
+        says nothing about the word, and decode capitalises sentence starts anyway. Ties go to the lowercase form.
+        """
+        splitter = cls._hf_tokenizer({s: i for i, s in enumerate(SPECIALS)}, lowercase=False)
+        wanted = set(words)
+        spellings: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+        for text in texts:
+            previous = None
+            for piece in cls._split(splitter, text):
+                word = piece.lower()
+                if word in wanted and previous is not None and previous not in _SENTENCE_END and previous != '"':
+                    spellings[word][piece] += 1
+                previous = piece
+        forms = {word: max(counts, key=lambda form: (counts[form], form == word, form))
+                 for word, counts in spellings.items()}
+        return {word: form for word, form in sorted(forms.items()) if form != word}
 
     def _corpus_stats(self, counts: collections.Counter) -> dict:
         total = sum(counts.values())
@@ -164,6 +194,13 @@ class TopWordTokenizer:
     def encode(self, text: str) -> list[int]:
         return self.encode_batch([text])[0]
 
+    def encode_with_spans(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        """Returns, per text, its token ids and each token's [start, end) span over pre_tokenize(text).
+
+        A top-word token always stands for exactly one word (a rare word is replaced, never split or merged).
+        """
+        return [(ids, [(i, i + 1) for i in range(len(ids))]) for ids in self.encode_batch(list(texts))]
+
     def simplify(self, word: str) -> str:
         """Returns the vocabulary word that `word` becomes (itself if it is a top word)."""
         pieces = self.pre_tokenize(word)
@@ -174,7 +211,7 @@ class TopWordTokenizer:
         return self.strategy.simplify_occurrences([(pieces, 0)])[0]
 
     def detokenize(self, words: list[str]) -> str:
-        return detokenize(words, capitalize=self.lowercase)
+        return detokenize(words, capitalize=self.lowercase, surface_forms=self.surface_forms)
 
     def decode(self, ids) -> str:
         ids = [int(i) for i in ids]
@@ -190,7 +227,7 @@ class TopWordTokenizer:
         path.mkdir(parents=True, exist_ok=True)
         self.hf.save(str(path / HF_FILE))
         meta = {"kind": self.kind, "lowercase": self.lowercase, "strategy": self.strategy.name,
-                "strategy_state": self.strategy.state(), "stats": self.stats}
+                "strategy_state": self.strategy.state(), "stats": self.stats, "surface_forms": self.surface_forms}
         (path / META_FILE).write_text(json.dumps(meta, indent=1))
 
     @classmethod
@@ -204,7 +241,7 @@ class TopWordTokenizer:
             raise ValueError(f"{path} holds a '{meta.get('kind')}' tokenizer, not '{cls.kind}'")
         strategy = simplify_lib.get_strategy(meta["strategy"]).from_state(meta["strategy_state"])
         return cls(Tokenizer.from_file(str(path / HF_FILE)), strategy,
-                   lowercase=meta["lowercase"], stats=meta.get("stats"))
+                   lowercase=meta["lowercase"], stats=meta.get("stats"), surface_forms=meta.get("surface_forms"))
 
     def __repr__(self) -> str:
         return f"TopWordTokenizer(vocab_size={self.vocab_size}, strategy={self.strategy.name!r}, lowercase={self.lowercase})"
