@@ -169,8 +169,9 @@ def test_a_changed_sweep_definition_in_the_same_folder_is_an_error(interrupted_s
     with pytest.raises(ConfigError) as err:
         sweep.run_sweep(base_config(), [{"model.d_model": 16}, {"model.d_model": 48}], workdir, seeds=[0, 1, 2])
     assert "holds a different sweep" in str(err.value)
-    assert "points: the sweep folder has" in str(err.value) and "seeds: the sweep folder has [0, 1]" in str(err.value)
+    assert "points: workdir has" in str(err.value)
+    assert "seeds: workdir has [0, 1], config asks [0, 1, 2]" in str(err.value)
     changed = base_config()
     changed.train.steps = 6
-    with pytest.raises(ConfigError, match=r"base_config\.train\.steps: the sweep folder has 4, this sweep asks 6"):
+    with pytest.raises(ConfigError, match=r"base_config\.train\.steps: workdir has 4, config asks 6"):
         sweep.run_sweep(changed, interrupted_sweep["points"], workdir, seeds=SEEDS)

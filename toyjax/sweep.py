@@ -36,6 +36,7 @@ from toyjax import train
 from toyjax.checkpoints import Checkpoints
 from toyjax.config import Config, ConfigError
 from toyjax.models.decoder import Decoder
+from toyjax.runs import differences
 
 RESULT_FILE = "sweep_result.json"
 DEFINITION_FILE = "sweep.json"
@@ -152,18 +153,6 @@ def point_config(base: Config, point: dict, seed: int) -> Config:
 # -- the sweep definition ---------------------------------------------------------------------------------------
 
 
-def definition_differences(saved: Any, wanted: Any, prefix: str = "") -> list[str]:
-    """Returns 'key: DIR has X, this sweep asks Y' for every leaf where two JSON-like trees differ."""
-    # TODO(lead): same job as runs._differences (being made public elsewhere); merge the two.
-    if isinstance(saved, dict) and isinstance(wanted, dict):
-        return [line for key in sorted(saved.keys() | wanted.keys())
-                for line in definition_differences(saved.get(key), wanted.get(key), f"{prefix}{key}.")]
-    if saved == wanted:
-        return []
-    shorten = lambda value: (text := json.dumps(value))[:200] + ("..." if len(text) > 200 else "")  # noqa: E731
-    return [f"{prefix.rstrip('.')}: the sweep folder has {shorten(saved)}, this sweep asks {shorten(wanted)}"]
-
-
 def _check_definition(workdir: Path, definition: dict) -> None:
     """Raises ConfigError if workdir holds a different sweep (or something that is not a sweep)."""
     path = workdir / DEFINITION_FILE
@@ -172,8 +161,9 @@ def _check_definition(workdir: Path, definition: dict) -> None:
             raise ConfigError(f"{workdir} is not empty and holds no {DEFINITION_FILE}; give the sweep a new --workdir")
         return
     saved = json.loads(path.read_text())
-    problems = definition_differences({k: saved.get(k) for k in definition if k != "metric"},
-                                      {k: v for k, v in definition.items() if k != "metric"})
+    # The metric only picks what is plotted: changing it is allowed.
+    problems = differences({k: saved.get(k) for k in definition if k != "metric"},
+                           {k: v for k, v in definition.items() if k != "metric"})
     if problems:
         raise ConfigError(f"{workdir} holds a different sweep; use another --workdir or the same definition:\n  "
                           + "\n  ".join(problems))
