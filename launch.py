@@ -6,6 +6,8 @@
   inspect     WORKDIR [--samples 3] [--step N]
   bert-adapt  --corpus FILE --workdir DIR [--steps 1050 --time-budget-min 29.5]   MLM-adapt a BERT, writes DIR/hf
   compare     RUN_A RUN_B [RUN_C ...] --out DIR [--text FILE] [--n-examples 200] [--n-probes 100]
+  sweep       --config FILE --workdir DIR --grid model.d_model=64,128 [KEY=V,V ...] [--zip] [--seeds 0,1,2]
+              [--metric ppl] [--config.KEY=VALUE ...]   a run per point and seed; DIR/results.csv, .md, plots
 """
 
 from __future__ import annotations
@@ -121,8 +123,27 @@ def cmd_compare(argv: list[str]) -> None:
     compare.main(argv)
 
 
+def cmd_sweep(argv: list[str]) -> None:
+    rest, overrides = _split_overrides(argv)
+    parser = argparse.ArgumentParser(prog="launch.py sweep")
+    parser.add_argument("--config", required=True, help="the base config file (--config.KEY=V applies to every point)")
+    parser.add_argument("--workdir", required=True, help="the sweep folder (a sub-workdir per point; resumes)")
+    parser.add_argument("--grid", nargs="+", required=True, help="KEY=V1,V2,... items, e.g. model.d_model=64,128")
+    parser.add_argument("--zip", action="store_true", help="pair the i-th values of the keys, not a cross product")
+    parser.add_argument("--seeds", default="", help="comma-separated train.seed values (default: the config's)")
+    parser.add_argument("--metric", default="ppl", help="the metric to plot (loss, ppl, accuracy, ...)")
+    parser.add_argument("--quiet", action="store_true", help="no per-run progress bars or logs")
+    args = parser.parse_args(rest)
+    from toyjax import sweep
+
+    base = _config(args.config, overrides)
+    points = sweep.expand_points(sweep.parse_grid(args.grid, base), paired=args.zip)
+    seeds = sweep.parse_seeds(args.seeds) if args.seeds else [base.train.seed]
+    sweep.run_sweep(base, points, args.workdir, seeds=seeds, metric=args.metric, quiet=args.quiet)
+
+
 COMMANDS = {"train": cmd_train, "quickstart": cmd_quickstart, "sample": cmd_sample, "inspect": cmd_inspect,
-            "bert-adapt": cmd_bert_adapt, "compare": cmd_compare}
+            "bert-adapt": cmd_bert_adapt, "compare": cmd_compare, "sweep": cmd_sweep}
 
 
 def one_line(message: str) -> str:
