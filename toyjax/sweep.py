@@ -140,14 +140,14 @@ def point_names(points: list[dict], seeds: list[int]) -> list[str]:
 
 
 def point_config(base: Config, point: dict, seed: int) -> Config:
-    """Returns a copy of base with the point's keys and train.seed set."""
+    """Returns a validated copy of base with the point's keys and train.seed set (a bad combination is a ConfigError)."""
     config = config_lib.from_dict(base.to_dict())
     for key, value in point.items():
         if key == "train.seed":
             raise ConfigError("train.seed cannot be a grid key; give the seeds separately")
         config_lib.set_key(config, key, value)
     config.train.seed = seed
-    return config
+    return config_lib.validate(config)
 
 
 # -- the sweep definition ---------------------------------------------------------------------------------------
