@@ -80,7 +80,7 @@ def cmd_sample(argv: list[str]) -> None:
     import jax
 
     from toyjax import load_run
-    from toyjax.runs import run_grammar
+    from toyjax.data.run_data import run_grammar
     from toyjax.sample import check_sampling_settings, cut_at_eos, sample
 
     check_sampling_settings(n=args.n, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)

@@ -48,7 +48,8 @@ import numpy as np  # noqa: E402
 from toyjax.config import Config, ModelConfig, TrainConfig  # noqa: E402
 from toyjax.models import registry  # noqa: E402
 from toyjax.models.decoder import Decoder  # noqa: E402
-from toyjax.train import cross_entropy, init_params, make_optimizer, make_train_step, step_key  # noqa: E402
+from toyjax.models.decoder import init_params  # noqa: E402
+from toyjax.train import cross_entropy, make_optimizer, make_train_step, step_key  # noqa: E402
 
 CONFIGS = {  # name -> (model fields, batch size)
     "a": (dict(vocab_size=4096, d_model=128, n_layers=4, n_heads=4, d_ff=512, max_len=128), 32),
@@ -129,7 +130,7 @@ class JaxRunner:
     def __init__(self, cfg: Config, batches: list[dict], donate: bool = True):
         model = Decoder(cfg.model)
         tx = make_optimizer(cfg.train)
-        self.params = init_params(model, cfg)
+        self.params = init_params(model, cfg.train.seed)
         self.initial_params = jax.tree.map(np.array, self.params)  # host copy before donation
         self.opt_state = tx.init(self.params)
         self.step = jax.jit(make_train_step(model, cfg, tx), donate_argnums=(0, 1) if donate else ())

@@ -9,7 +9,7 @@ Four variants on the same structured data (experiments/configs/sparse_output.py)
   valid_subset            train.loss="valid_subset" (invalid logits masked before the log-softmax), constrained
   valid_subset+state      the same plus model.grammar_state_embedding (grammar features added to the inputs)
 Every saved checkpoint is re-scored here exactly as train.run scores it (its validation batches, the run's own
-grammar tables from runs.run_grammar, train's eval step: loss/ppl/accuracy equal train.run's), plus the same
+grammar tables from run_data.run_grammar, train's eval step: loss/ppl/accuracy equal train.run's), plus the same
 measures for all arms, so curves compare like with like:
   * valid-restricted perplexity: softmax over the tokens the grammar allows (what constrained sampling draws from)
   * full perplexity: softmax over the whole vocabulary (meaningless for the valid-subset arms, shown to see it)
@@ -35,7 +35,8 @@ sys.path.insert(0, str(ROOT))
 
 from toyjax import config as config_lib  # noqa: E402
 from toyjax import grammar as grammar_lib  # noqa: E402
-from toyjax import load_run, runs, train  # noqa: E402
+from toyjax import load_run, train  # noqa: E402
+from toyjax.data import run_data  # noqa: E402
 from toyjax.checkpoints import Checkpoints  # noqa: E402
 from toyjax.sample import cut_at_eos, sample  # noqa: E402
 
@@ -56,7 +57,7 @@ def make_checkpoint_scorer(run, grammar):
       full_ppl            softmax over the whole vocabulary
       invalid_mass        full-softmax probability on forbidden tokens, at positions where the grammar forbids any
       top_invalid_tokens  share of those positions where each token is the largest forbidden logit (top 5)
-    grammar: runs.run_grammar's tables for the run (the batches carry its states), never a separately compiled one.
+    grammar: run_data.run_grammar's tables for the run (the batches carry its states), never a separately compiled one.
     """
     eval_step = jax.jit(train.make_eval_step(run.model, run.config, grammar))
 
@@ -91,14 +92,14 @@ def make_checkpoint_scorer(run, grammar):
 def checkpoint_scoring(workdir: Path):
     """Returns (the run's latest checkpoint, the validation batches and grammar train.run scored it with, scorer)."""
     run = load_run(workdir)
-    batches, grammar = runs.validation_batches(run.config, run.tokenizer)  # each arm fits its own tokenizer
+    batches, grammar = run_data.validation_batches(run.config, run.tokenizer)  # each arm fits its own tokenizer
     return run, batches, grammar, make_checkpoint_scorer(run, grammar)
 
 
 def grammatical_share(run, tables, *, constrained: bool, n: int, seed: int = 0) -> dict:
     """Samples n documents from the <eos> prompt; returns the share that are complete, grammatical programs.
 
-    tables: the run's grammar (runs.run_grammar); on the structured domain every document must be a program, so a
+    tables: the run's grammar (run_data.run_grammar); on the structured domain every document must be a program, so a
     constrained sample must start one ("calc").
     """
     eos = run.tokenizer.eos_id
@@ -155,7 +156,7 @@ def main(argv=None):
     summary["sampling"] = {}
     for name, (arm, constrained) in variants.items():
         run = load_run(workdir / arm)
-        grammar = runs.run_grammar(run.config, run.tokenizer)
+        grammar = run_data.run_grammar(run.config, run.tokenizer)
         summary["sampling"][name] = grammatical_share(run, grammar, constrained=constrained, n=args.samples)
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     plot(summary, workdir)

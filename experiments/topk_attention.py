@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from toyjax import config as config_lib  # noqa: E402
-from toyjax import load_run, runs, train  # noqa: E402
+from toyjax import load_run, train  # noqa: E402
+from toyjax.data import run_data  # noqa: E402
 from toyjax.models.decoder import Decoder  # noqa: E402
 
 CONFIG = ROOT / "experiments" / "configs" / "topk.py"
@@ -145,7 +146,7 @@ def main(argv=None):
         shared_tokenizer = shared_tokenizer or workdir / "tokenizer"
         run = load_run(workdir)
         # The very batches (and grammar) train.run scored, so every perplexity in the table is on the same tokens.
-        batches, grammar = runs.validation_batches(run.config, run.tokenizer)
+        batches, grammar = run_data.validation_batches(run.config, run.tokenizer)
         samples = (workdir / "samples.txt").read_text().strip().split("\n\n")
         arms.append({
             "name": name, "top_k": top_k, "valid_loss": result["loss"], "valid_ppl": result["ppl"],

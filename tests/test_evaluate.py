@@ -11,7 +11,8 @@ from toyjax.runs import Run
 from toyjax.testing import bigram_logits, bigram_run
 from toyjax.tokenizers import PhraseTokenizer, TopWordTokenizer
 from toyjax.tokenizers.simplify import UnkStrategy
-from toyjax.train import init_params, make_eval_step
+from toyjax.models.decoder import init_params
+from toyjax.train import make_eval_step
 
 LN2 = math.log(2)
 
@@ -86,7 +87,7 @@ def tiny_decoder_run(max_len: int):
     cfg.model.vocab_size, cfg.model.max_len = tokenizer.vocab_size, max_len
     cfg.model.d_model, cfg.model.n_layers, cfg.model.n_heads, cfg.model.d_ff = 16, 2, 2, 32
     model = Decoder(cfg.model)
-    return Run(cfg, init_params(model, cfg), tokenizer, 0, model)
+    return Run(cfg, init_params(model, cfg.train.seed), tokenizer, 0, model)
 
 
 def test_log_probs_agree_with_the_training_eval_step():

@@ -32,7 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from toyjax.runs import Run, run_grammar
+from toyjax.data.run_data import run_grammar
+from toyjax.runs import Run
 from toyjax.train import cross_entropy, model_inputs
 
 LN2 = math.log(2.0)

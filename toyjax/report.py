@@ -1,4 +1,4 @@
-"""Human-readable summaries of a run: config, step, parameter tree, last metrics, samples."""
+"""What a run reports: the end-of-training summary (samples, loss plot) and `launch.py inspect`'s description."""
 
 from __future__ import annotations
 
@@ -7,7 +7,55 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from toyjax.runs import load_run, read_metrics, run_grammar, write_samples
+from toyjax.config import Config
+from toyjax.data.run_data import run_grammar
+from toyjax.metrics import read_metrics
+from toyjax.runs import load_run, log
+from toyjax.sample import cut_at_eos, sample
+
+
+def write_samples(cfg: Config, model, params, tokenizer, grammar, *, n: int, seed: int = 0) -> list[str]:
+    if n <= 0:
+        return []
+    length = min(cfg.train.sample_length + 1, cfg.model.max_len)
+    # Constrain only a model trained on the valid subset: a plain model's samples show what it learned alone.
+    tokens = sample(model, params, [tokenizer.eos_id], n=n, length=length, key=jax.random.key(seed),
+                    temperature=cfg.train.sample_temperature, grammar=grammar,
+                    constrain=cfg.train.loss == "valid_subset")
+    return [tokenizer.decode(row) for row in cut_at_eos(tokens, tokenizer.eos_id, skip=1)]
+
+
+def plot_losses(workdir: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(workdir)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for split in ("train", "valid"):
+        points = sorted((r["step"], r["loss"]) for r in records if r.get("split") == split)
+        if points:
+            ax.plot(*zip(*points), marker="o" if split == "valid" else None, label=split)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(workdir.name)
+    ax.legend()
+    fig.tight_layout()
+    path = workdir / "loss.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def finish(cfg, workdir: Path, model, params, tokenizer, grammar, result: dict, *, quiet: bool) -> None:
+    samples = write_samples(cfg, model, params, tokenizer, grammar, n=cfg.train.n_samples, seed=cfg.train.seed)
+    (workdir / "samples.txt").write_text("\n\n".join(samples) + "\n")
+    plot_losses(workdir)
+    log(f"valid loss {result['loss']:.4f}  perplexity {result['ppl']:.3f}  accuracy {result['accuracy']:.3f}  "
+        f"({result['tokens_per_s']:.0f} train tokens/s)", quiet)
+    for text in samples:
+        log(f"  > {text}", quiet)
 
 
 def parameter_table(params) -> list[str]:

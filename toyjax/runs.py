@@ -5,7 +5,7 @@
     WORKDIR/checkpoints/     orbax steps (see toyjax.checkpoints)
     WORKDIR/metrics.jsonl    one JSON object per log or eval step (see toyjax.metrics)
     WORKDIR/events.out.*     the same metrics as TensorBoard event files
-    WORKDIR/samples.txt      samples from the final params
+    WORKDIR/samples.txt      samples from the final params   (written by toyjax.report.finish)
     WORKDIR/loss.png         train and valid loss curves
 """
 
@@ -24,8 +24,9 @@ from toyjax import config as config_lib
 from toyjax.checkpoints import Checkpoints
 from toyjax.config import Config
 from toyjax.data import pipeline
+from toyjax.data.run_data import encode_for_run
 from toyjax.metrics import read_metrics
-from toyjax.models.decoder import Decoder
+from toyjax.models.decoder import Decoder, init_params
 
 # Keys whose change makes an existing workdir a different experiment (train.* may change, e.g. more steps).
 _IDENTITY_SECTIONS = ("data", "tokenizer", "model")
@@ -50,50 +51,6 @@ def differences(saved: dict, wanted: dict, prefix: str = "") -> list[str]:
         elif a != b:
             out.append(f"{prefix}{key}: workdir has {a!r}, config asks {b!r}")
     return out
-
-
-def run_grammar(cfg: Config, tokenizer):
-    """Returns the grammar tables a run on the structured domain trains, scores and samples with, else None.
-
-    The one way to get them: anything that re-scores or samples a run must use these tables, not compile its own.
-    """
-    if cfg.data.source not in ("structured", "mixed"):
-        return None
-    from toyjax import grammar as grammar_lib
-
-    # Alone, every document is a program; mixed with stories, a document enters the grammar at its first token.
-    return grammar_lib.compile_grammar(grammar_lib.load_default_grammar(), tokenizer.token_to_id,
-                                       free_text=cfg.data.source == "mixed")
-
-
-def encode_for_run(cfg: Config, tokenizer, *splits: list[str]):
-    """Returns (a TokenStream per list of documents, the run's grammar tables or None), as train.run feeds them.
-
-    On the structured domain each stream carries the grammar state of every token (side["grammar_state"]) under
-    run_grammar's tables: the masks and state features a run trains with, so whoever scores it uses the same.
-    """
-    from toyjax import grammar as grammar_lib
-
-    streams = tuple(pipeline.TokenStream.encode(tokenizer, docs) for docs in splits)
-    tables = run_grammar(cfg, tokenizer)
-    if tables is not None:
-        for stream in streams:
-            stream.side["grammar_state"] = np.asarray(grammar_lib.annotate(tables, stream.tokens, tokenizer.vocab),
-                                                      np.int32)
-    return streams, tables
-
-
-def scored_batches(cfg: Config, valid_stream: pipeline.TokenStream) -> list[dict]:
-    """Returns the validation batches train.run scores: train.eval_batches batches of evenly spaced windows."""
-    return valid_stream.eval_batches(cfg.train.eval_batches, batch_size=cfg.train.batch_size, length=cfg.model.max_len)
-
-
-def validation_batches(cfg: Config, tokenizer) -> tuple[list[dict], object]:
-    """Returns (the validation batches train.run scores, the run's grammar tables or None) for a run's config."""
-    docs = pipeline.load_documents(cfg.data)
-    _, valid_docs = pipeline.split_train_valid(docs, cfg.data.valid_fraction)
-    (valid_stream,), tables = encode_for_run(cfg, tokenizer, valid_docs)
-    return scored_batches(cfg, valid_stream), tables
 
 
 def _check_workdir(workdir: Path) -> None:
@@ -150,52 +107,6 @@ def mean_throughput(workdir: Path) -> float:
     return float(np.median(rates[1:] or rates)) if rates else 0.0  # the first interval holds compilation
 
 
-def write_samples(cfg: Config, model, params, tokenizer, grammar, *, n: int, seed: int = 0) -> list[str]:
-    from toyjax.sample import cut_at_eos, sample
-
-    if n <= 0:
-        return []
-    length = min(cfg.train.sample_length + 1, cfg.model.max_len)
-    # Constrain only a model trained on the valid subset: a plain model's samples show what it learned alone.
-    tokens = sample(model, params, [tokenizer.eos_id], n=n, length=length, key=jax.random.key(seed),
-                    temperature=cfg.train.sample_temperature, grammar=grammar,
-                    constrain=cfg.train.loss == "valid_subset")
-    return [tokenizer.decode(row) for row in cut_at_eos(tokens, tokenizer.eos_id, skip=1)]
-
-
-def plot_losses(workdir: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = read_metrics(workdir)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for split in ("train", "valid"):
-        points = sorted((r["step"], r["loss"]) for r in records if r.get("split") == split)
-        if points:
-            ax.plot(*zip(*points), marker="o" if split == "valid" else None, label=split)
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title(workdir.name)
-    ax.legend()
-    fig.tight_layout()
-    path = workdir / "loss.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def finish(cfg, workdir: Path, model, params, tokenizer, grammar, result: dict, *, quiet: bool) -> None:
-    samples = write_samples(cfg, model, params, tokenizer, grammar, n=cfg.train.n_samples, seed=cfg.train.seed)
-    (workdir / "samples.txt").write_text("\n\n".join(samples) + "\n")
-    plot_losses(workdir)
-    log(f"valid loss {result['loss']:.4f}  perplexity {result['ppl']:.3f}  accuracy {result['accuracy']:.3f}  "
-        f"({result['tokens_per_s']:.0f} train tokens/s)", quiet)
-    for text in samples:
-        log(f"  > {text}", quiet)
-
-
 class Run(NamedTuple):
     config: Config
     params: dict
@@ -207,14 +118,13 @@ class Run(NamedTuple):
 def load_run(workdir: str | Path, step: int | None = None) -> Run:
     """Returns the config, params, tokenizer and step of a trained run, for use from other JAX code."""
     from toyjax.tokenizers import load_tokenizer
-    from toyjax.train import init_params
 
     workdir = Path(workdir)
     if not (workdir / "config.json").is_file():
         raise FileNotFoundError(f"{workdir} is not a toyjax run (no config.json)")
     cfg = config_lib.load(workdir / "config.json")
     model = Decoder(cfg.model)
-    abstract = jax.eval_shape(lambda: init_params(model, cfg))
+    abstract = jax.eval_shape(lambda: init_params(model, cfg.train.seed))
     checkpoints = Checkpoints(workdir / "checkpoints", read_only=True)
     step, params, _, _ = checkpoints.restore(step, params_like=abstract)
     return Run(cfg, params, load_tokenizer(workdir / "tokenizer"), step, model)

@@ -35,7 +35,7 @@ from toyjax import config as config_lib
 from toyjax import train
 from toyjax.checkpoints import Checkpoints
 from toyjax.config import Config, ConfigError
-from toyjax.models.decoder import Decoder
+from toyjax.models.decoder import Decoder, init_params
 from toyjax.runs import differences
 
 RESULT_FILE = "sweep_result.json"
@@ -175,7 +175,7 @@ def _check_definition(workdir: Path, definition: dict) -> None:
 def parameter_count(run_dir: Path) -> int:
     """Returns the number of parameters of the model a run's config.json describes (shapes only, nothing restored)."""
     config = config_lib.load(run_dir / "config.json")
-    shapes = jax.eval_shape(lambda: train.init_params(Decoder(config.model), config))
+    shapes = jax.eval_shape(lambda: init_params(Decoder(config.model), config.train.seed))
     return int(sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(shapes)))
 
 

@@ -16,10 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from toyjax import report, runs
 from toyjax.checkpoints import Checkpoints
 from toyjax.config import Config, TrainConfig
+from toyjax.data.run_data import scored_batches
 from toyjax.metrics import MetricsWriter
-from toyjax.models.decoder import Decoder
+from toyjax.models.decoder import Decoder, init_params
 
 
 # Checkpoint meta key: the train metrics of the steps since the last log (a log averages its interval's steps).
@@ -126,14 +128,6 @@ def make_eval_step(model: Decoder, cfg: Config, grammar=None) -> Callable:
     return eval_step
 
 
-def init_params(model: Decoder, cfg: Config):
-    dummy = jnp.zeros((1, cfg.model.max_len), jnp.int32)
-    features = None
-    if cfg.model.grammar_state_embedding:
-        features = jnp.zeros((1, cfg.model.max_len, len(cfg.model.grammar_feature_sizes)), jnp.int32)
-    return model.init(jax.random.key(cfg.train.seed), dummy, state_features=features)["params"]
-
-
 def step_key(seed: int, step: int) -> jax.Array:
     return jax.random.fold_in(jax.random.key(seed), step)
 
@@ -156,8 +150,6 @@ def run(cfg: Config, workdir: str | Path, *, quiet: bool = False, until: int | N
 
     until: stop (with a checkpoint) after this step, as a pre-empted job would; the next call resumes there.
     """
-    from toyjax import runs  # the workdir layout: tokenizer, data, samples, plots
-
     workdir = Path(workdir)
     cfg, tokenizer, streams, grammar = runs.prepare(cfg, workdir, quiet=quiet)
     model = Decoder(cfg.model)
@@ -166,9 +158,9 @@ def run(cfg: Config, workdir: str | Path, *, quiet: bool = False, until: int | N
     eval_step = jax.jit(make_eval_step(model, cfg, grammar))
     train_stream, valid_stream = streams
     length, batch_size = cfg.model.max_len, cfg.train.batch_size
-    valid_batches = runs.scored_batches(cfg, valid_stream)
+    valid_batches = scored_batches(cfg, valid_stream)
 
-    params = init_params(model, cfg)
+    params = init_params(model, cfg.train.seed)
     opt_state = tx.init(params)
     checkpoints = Checkpoints(workdir / "checkpoints", keep=cfg.train.keep_checkpoints)
     start, restored_step, pending = 0, None, []
@@ -220,7 +212,7 @@ def run(cfg: Config, workdir: str | Path, *, quiet: bool = False, until: int | N
     if stop < cfg.train.steps:
         return result
     result["tokens_per_s"] = runs.mean_throughput(workdir)
-    runs.finish(cfg, workdir, model, params, tokenizer, grammar, result, quiet=quiet)
+    report.finish(cfg, workdir, model, params, tokenizer, grammar, result, quiet=quiet)
     return result
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from toyjax.config import ModelConfig
@@ -80,3 +81,13 @@ class Decoder(nn.Module):
         else:
             logits = nn.Dense(cfg.vocab_size, name="unembed")(x)
         return logits.astype(jnp.float32)
+
+
+def init_params(model: Decoder, seed: int = 0):
+    """Returns freshly initialised params of model (its shapes at model.cfg.max_len), drawn from jax.random.key(seed)."""
+    cfg = model.cfg
+    dummy = jnp.zeros((1, cfg.max_len), jnp.int32)
+    features = None
+    if cfg.grammar_state_embedding:
+        features = jnp.zeros((1, cfg.max_len, len(cfg.grammar_feature_sizes)), jnp.int32)
+    return model.init(jax.random.key(seed), dummy, state_features=features)["params"]
