@@ -14,22 +14,19 @@ Target: constrained sampling costs <= 5 % more per token.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from toyjax import grammar as grammar_lib  # noqa: E402
-from toyjax.config import ModelConfig  # noqa: E402
-from toyjax.data import stories, structured  # noqa: E402
-from toyjax.models.decoder import Decoder  # noqa: E402
-from toyjax.sample import sample  # noqa: E402
-from toyjax.tokenizers import TopWordTokenizer  # noqa: E402
+from toyjax import grammar as grammar_lib
+from toyjax.config import ModelConfig
+from toyjax.data import stories, structured
+from toyjax.models.decoder import Decoder
+from toyjax.sample import sample
+from toyjax.tokenizers import TopWordTokenizer
 
 
 def main(argv=None):

@@ -25,13 +25,12 @@ import jax
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from toyjax import config as config_lib  # noqa: E402
-from toyjax import load_run, train  # noqa: E402
-from toyjax.data import pipeline  # noqa: E402
-from toyjax.tokenizers import PhraseTokenizer, TopWordTokenizer, load_tokenizer  # noqa: E402
-from toyjax.tokenizers.phrases import bits_per_word, count_words  # noqa: E402
+from toyjax import config as config_lib
+from toyjax import load_run, train
+from toyjax.data import pipeline
+from toyjax.tokenizers import PhraseTokenizer, TopWordTokenizer, load_tokenizer
+from toyjax.tokenizers.phrases import bits_per_word, count_words
 
 CONFIG = ROOT / "experiments" / "configs" / "phrase_tokens.py"
 

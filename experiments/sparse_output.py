@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import sys
 from pathlib import Path
 
 import jax
@@ -31,14 +30,13 @@ import jax.numpy as jnp
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from toyjax import config as config_lib  # noqa: E402
-from toyjax import grammar as grammar_lib  # noqa: E402
-from toyjax import load_run, train  # noqa: E402
-from toyjax.data import run_data  # noqa: E402
-from toyjax.checkpoints import Checkpoints  # noqa: E402
-from toyjax.sample import cut_at_eos, sample  # noqa: E402
+from toyjax import config as config_lib
+from toyjax import grammar as grammar_lib
+from toyjax import load_run, train
+from toyjax.data import run_data
+from toyjax.checkpoints import Checkpoints
+from toyjax.sample import cut_at_eos, sample
 
 CONFIG = ROOT / "experiments" / "configs" / "sparse_output.py"
 ARMS = {  # trained arm -> (train.loss, model.grammar_state_embedding)

@@ -29,12 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from toyjax import config as config_lib  # noqa: E402
-from toyjax import load_run, train  # noqa: E402
-from toyjax.data import run_data  # noqa: E402
-from toyjax.models.decoder import Decoder  # noqa: E402
+from toyjax import config as config_lib
+from toyjax import load_run, train
+from toyjax.data import run_data
+from toyjax.models.decoder import Decoder
 
 CONFIG = ROOT / "experiments" / "configs" / "topk.py"
 

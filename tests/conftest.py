@@ -1,7 +1,6 @@
-import os
-import sys
+"""Shared test paths. toyjax itself comes from the installed package (`pip install -e .`), not from sys.path edits."""
+
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-CORPORA = ROOT.parent / "shared" / "corpora"
+CORPORA = ROOT.parent / "shared" / "corpora"  # real English text; tests that read it skip when it is absent
