@@ -1,4 +1,4 @@
-"""Typed experiment configs: four sections (data, tokenizer, model, train), every default in one place.
+"""Typed experiment configs: sections data, tokenizer, model, train (and bert_adapt), every default in one place.
 
 A config file is a Python file with a docstring (the command that runs it and what to expect) and a
 `get_config() -> Config`. Command-line overrides look like `--config.model.d_model=256`; values are parsed
@@ -97,11 +97,31 @@ class TrainConfig:
 
 
 @dataclasses.dataclass
+class BertAdaptConfig:
+    """`launch.py bert-adapt`: masked-LM adaptation of a BERT on a corpus (see toyjax.bert.adapt)."""
+
+    corpus: str = ""  # UTF-8 text file to adapt on (required)
+    base: str = ""  # Hugging Face BERT folder ("" = the packaged all-MiniLM-L6-v2)
+    steps: int = 1050  # length of the learning-rate schedule
+    batch_size: int = 32
+    seq_len: int = 64  # word-pieces per row, [CLS] and [SEP] included
+    learning_rate: float = 3e-4
+    warmup_steps: int = 30
+    mask_rate: float = 0.4  # fraction of pieces masked (80 % [MASK], 10 % random, 10 % kept)
+    time_budget_min: float = 0.0  # stop after this much wall time, evaluation included, across resumes; 0 = none
+    eval_every: int = 200
+    save_every: int = 100
+    n_eval: int = 1000  # held-out masked words evaluated
+    seed: int = 0
+
+
+@dataclasses.dataclass
 class Config:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = dataclasses.field(default_factory=TokenizerConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    bert_adapt: BertAdaptConfig = dataclasses.field(default_factory=BertAdaptConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

