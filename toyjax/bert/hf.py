@@ -204,7 +204,7 @@ def load_tokenizer(folder: Path) -> tokenizers.Tokenizer:
 
         settings = json.loads((folder / "tokenizer_config.json").read_text()) if (folder / "tokenizer_config.json").exists() else {}
         wordpiece = BertWordPieceTokenizer(str(folder / "vocab.txt"), lowercase=settings.get("do_lower_case", True))
-        return wordpiece._tokenizer
+        return tokenizers.Tokenizer.from_str(wordpiece.to_str())
     raise FileNotFoundError(f"{folder}: no tokenizer.json or vocab.txt")
 
 
