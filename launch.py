@@ -4,7 +4,8 @@
   quickstart  [--workdir DIR] [--config.KEY=VALUE ...]     the main job on the embedded corpus
   sample      WORKDIR [--prompt TEXT] [--n 4] [--temperature 0.8] [--top-k K] [--top-p P] [--greedy] [--free]
   inspect     WORKDIR [--samples 3] [--step N]
-  bert-adapt  --corpus FILE --workdir DIR [--steps 1050 --time-budget-min 29.5]   MLM-adapt a BERT, writes DIR/hf
+  bert-adapt  --config experiments/configs/bert_adapt.py --workdir DIR [--config.bert_adapt.mask_rate=0.25 ...]
+                                                           MLM-adapt a BERT, writes DIR/hf
   compare     RUN_A RUN_B [RUN_C ...] --out DIR [--text FILE] [--n-examples 200] [--n-probes 100]
   sweep       --config FILE --workdir DIR --grid model.d_model=64,128 [KEY=V,V ...] [--zip] [--seeds 0,1,2]
               [--metric ppl] [--config.KEY=VALUE ...]   a run per point and seed; DIR/results.csv, .md, plots
@@ -112,9 +113,14 @@ def cmd_inspect(argv: list[str]) -> None:
 
 
 def cmd_bert_adapt(argv: list[str]) -> None:
-    from toyjax import bert_adapt
+    rest, overrides = _split_overrides(argv)
+    parser = argparse.ArgumentParser(prog="launch.py bert-adapt")
+    parser.add_argument("--config", required=True, help="a config file, e.g. experiments/configs/bert_adapt.py")
+    parser.add_argument("--workdir", required=True, help="where checkpoints, metrics and DIR/hf go (resumes if present)")
+    args = parser.parse_args(rest)
+    from toyjax.bert import adapt
 
-    bert_adapt.main(argv)
+    adapt.run(_config(args.config, overrides), args.workdir)
 
 
 def cmd_compare(argv: list[str]) -> None:

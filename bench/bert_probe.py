@@ -27,10 +27,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from toyjax import bert_adapt, probe  # noqa: E402
-from toyjax.models import bert as bert_lib  # noqa: E402
+from toyjax import bert as bert_lib  # noqa: E402
+from toyjax.bert import adapt, heads  # noqa: E402
+from toyjax.bert import candidates as candidates_lib  # noqa: E402
+from toyjax.bert.hf import write_folder  # noqa: E402
 from toyjax.data.text import CorpusError, read_text_file  # noqa: E402
-from toyjax.models import bert_candidates  # noqa: E402
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpora" / "tinystories_sample.txt"
 
@@ -39,8 +40,8 @@ def model_folder(path: str | None, scratch: Path) -> Path:
     if path:
         return Path(path)
     bert = bert_lib.load()
-    params = bert_adapt._init_head(bert, bert_adapt._windows(bert, ["a small corpus for the head bias ."], 8), seed=0)
-    return bert_adapt.save_hf_folder(bert, params, scratch / "minilm_tied_head", bert.folder)
+    params = adapt.with_fresh_mlm_head(bert, adapt.corpus_windows(bert, ["a small corpus for the head bias ."], 8), seed=0)
+    return write_folder(bert.config, params, scratch / "minilm_tied_head", bert.folder)
 
 
 def main(argv=None):
@@ -62,12 +63,12 @@ def main(argv=None):
         sys.exit(f"error: {err}; {hint}")
     words = collections.Counter(re.findall(r"[a-z]+", text.lower()))
     candidates = [w for w, _ in words.most_common(args.candidates)]
-    _, held_out = bert_adapt.split_corpus(text)
-    sentences = probe.split_sentences(held_out or text.splitlines())
+    _, held_out = adapt.split_corpus(text)
+    sentences = heads.split_sentences(held_out or text.splitlines())
     with tempfile.TemporaryDirectory() as scratch:
         folder = model_folder(args.model, Path(scratch))
         bert = bert_lib.load(folder)
-        examples = probe.masked_word_examples(bert, sentences, args.sentences, seed=7)
+        examples = heads.masked_word_examples(bert, sentences, args.sentences, seed=7)
         texts = [bert.piece_tokenizer.decode([i for i in row if i not in (bert.cls_id, bert.sep_id, 0)],
                                              skip_special_tokens=False) for row in examples.ids]
         n_pieces = [len(bert.pieces(c)) for c in candidates]
@@ -76,10 +77,10 @@ def main(argv=None):
               f"{sum(n > 1 for n in n_pieces)} multi-piece, {len(candidates) - first_pieces} share a first piece")
 
         start = time.perf_counter()
-        bert_candidates.candidate_distributions(bert, texts, candidates)  # first call compiles the buckets
+        bert_lib.candidate_distributions(bert, texts, candidates)  # first call compiles the buckets
         first_call_seconds = time.perf_counter() - start
         start = time.perf_counter()
-        ours = bert_candidates.candidate_distributions(bert, texts, candidates)
+        ours = bert_lib.candidate_distributions(bert, texts, candidates)
         ours_seconds = time.perf_counter() - start
 
         import torch
@@ -119,10 +120,10 @@ def chain_rule_work(bert, texts, candidates) -> tuple[int, int, float]:
     the scored position, where the head's dense layer and 30522-way decoder also run. Attention scores are left
     out, so this is a floor.
     """
-    contexts = [bert_candidates.split_at_mask(bert, text) for text in texts]
-    pieces = bert_candidates.candidate_pieces(bert, candidates)
+    contexts = [candidates_lib.split_at_mask(bert, text) for text in texts]
+    pieces = candidates_lib.candidate_pieces(bert, candidates)
     requests = [(t, p, len(p)) for t in range(len(contexts)) for p in pieces.values()]
-    rows = bert_candidates.plan_rows(contexts, requests)[0]
+    rows = candidates_lib.plan_rows(contexts, requests)[0]
     tokens = sum(len(left) + n_masks + len(right) + 2 for left, right, n_masks, _ in rows)
     c = bert.config
     hidden, inner, layers = c.hidden_size, c.intermediate_size, c.num_hidden_layers

@@ -28,9 +28,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from toyjax import bert_adapt, probe  # noqa: E402
-from toyjax.models import bert as bert_lib  # noqa: E402
-from toyjax.models import bert_candidates  # noqa: E402
+from toyjax import bert as bert_lib  # noqa: E402
+from toyjax.bert import adapt, heads  # noqa: E402
 from toyjax.tokenizers import simplify as simplify_lib  # noqa: E402
 from toyjax.tokenizers.topword import TopWordTokenizer  # noqa: E402
 
@@ -38,11 +37,11 @@ CORPORA = Path(__file__).resolve().parents[2] / "shared" / "corpora"
 
 
 def heads_by_layer(bert, train_sentences, valid_sentences, n_train, n_valid, bert_head_layers, workdir, steps):
-    train = probe.masked_word_examples(bert, train_sentences, n_train, seed=0)
-    valid = probe.masked_word_examples(bert, valid_sentences, n_valid, seed=1)
+    train = heads.masked_word_examples(bert, train_sentences, n_train, seed=0)
+    valid = heads.masked_word_examples(bert, valid_sentences, n_valid, seed=1)
     start = time.time()
-    train_features = probe.masked_features(bert, train, cache_dir=workdir)
-    valid_features = probe.masked_features(bert, valid, cache_dir=workdir)
+    train_features = heads.masked_features(bert, train, cache_dir=workdir)
+    valid_features = heads.masked_features(bert, valid, cache_dir=workdir)
     print(f"features for {len(train)} + {len(valid)} examples, all layers: {time.time() - start:.0f} s")
     counts = collections.Counter(train.piece_targets.tolist())
     top5 = [piece for piece, _ in counts.most_common(5)]
@@ -51,14 +50,14 @@ def heads_by_layer(bert, train_sentences, valid_sentences, n_train, n_valid, ber
     decoder = np.asarray(bert.params["word_embeddings"]["embedding"])
     for layer in range(train_features.shape[0]):
         row = {"layer": layer}
-        head, _ = probe.train_head(train_features[layer], train.piece_targets, bert.config.vocab_size, "linear",
+        head, _ = heads.train_head(train_features[layer], train.piece_targets, bert.config.vocab_size, "linear",
                                    steps=steps, learning_rate=1e-3, batch_size=256, compact_classes=True)
-        row["linear"] = probe.head_accuracy(head, valid_features[layer], valid.piece_targets)
-        row["linear_train"] = probe.head_accuracy(head, train_features[layer], train.piece_targets)["top1"]
+        row["linear"] = heads.head_accuracy(head, valid_features[layer], valid.piece_targets)
+        row["linear_train"] = heads.head_accuracy(head, train_features[layer], train.piece_targets)["top1"]
         if layer in bert_head_layers:
-            head, _ = probe.train_head(train_features[layer], train.piece_targets, bert.config.vocab_size, "bert",
+            head, _ = heads.train_head(train_features[layer], train.piece_targets, bert.config.vocab_size, "bert",
                                        decoder, steps=steps, learning_rate=1e-3, batch_size=256)
-            row["bert_head"] = probe.head_accuracy(head, valid_features[layer], valid.piece_targets)
+            row["bert_head"] = heads.head_accuracy(head, valid_features[layer], valid.piece_targets)
         rows.append(row)
         print(json.dumps(row))
     return rows
@@ -90,9 +89,9 @@ def contextual_vs_nearest(mlm_bert, train_lines, valid_sentences, vocab_size, n,
         if len(cases) == n:
             break
     alphabetic = [w for w in top_words if w.isalpha()]
-    texts = [bert_candidates.mask_word(words, i) for words, i in cases]
+    texts = [bert_lib.mask_word(words, i) for words, i in cases]
     start = time.time()
-    contextual = bert_candidates.most_probable(mlm_bert, texts, alphabetic, progress=True)
+    contextual = bert_lib.most_probable(mlm_bert, texts, alphabetic, progress=True)
     seconds = time.time() - start
     nearest = [occurrence_ppmi_guess(top_vectors, contexts, words, i) for words, i in cases]
     nearest = [None if g is None else top_words[g] for g in nearest]
@@ -116,7 +115,7 @@ def _rare_examples(tokenizer, mlm_bert, sentences, alphabetic, n=12):
             out.append((words, rare[0]))
         if len(out) == n:
             break
-    chosen = bert_candidates.most_probable(mlm_bert, [bert_candidates.mask_word(w, i) for w, i in out], alphabetic)
+    chosen = bert_lib.most_probable(mlm_bert, [bert_lib.mask_word(w, i) for w, i in out], alphabetic)
     return [{"sentence": " ".join(w), "rare": w[i], "nearest": tokenizer.strategy.mapping.get(w[i], "<unk>"),
              "contextual": c} for (w, i), c in zip(out, chosen)]
 
@@ -139,8 +138,8 @@ def main(argv=None):
     workdir.mkdir(parents=True, exist_ok=True)
     if not Path(args.corpus).exists():
         sys.exit(f"corpus {args.corpus} not found (expected ../shared/corpora next to the project)")
-    train_lines, valid_lines = bert_adapt.split_corpus(Path(args.corpus).read_text(encoding="utf-8"))
-    train_sentences, valid_sentences = probe.split_sentences(train_lines), probe.split_sentences(valid_lines)
+    train_lines, valid_lines = adapt.split_corpus(Path(args.corpus).read_text(encoding="utf-8"))
+    train_sentences, valid_sentences = heads.split_sentences(train_lines), heads.split_sentences(valid_lines)
     report = {}
     if not args.skip_heads:
         encoder = bert_lib.load()
@@ -149,14 +148,14 @@ def main(argv=None):
                                                   layers, workdir, args.steps)
     if args.mlm_model:
         mlm = bert_lib.load(args.mlm_model)
-        valid = probe.masked_word_examples(mlm, valid_sentences, args.valid, seed=1)
-        report["adapted_mlm"] = bert_adapt.mlm_accuracy(mlm, valid)
+        valid = heads.masked_word_examples(mlm, valid_sentences, args.valid, seed=1)
+        report["adapted_mlm"] = adapt.mlm_accuracy(mlm, valid)
         print("adapted MLM on the same held-out examples:", report["adapted_mlm"])
         for other in args.other_corpora.split(","):
             if (CORPORA / other).exists():  # never trained on: every line is held out
                 lines = (CORPORA / other).read_text(encoding="utf-8").splitlines()
-                examples = probe.masked_word_examples(mlm, probe.split_sentences(lines), args.valid, seed=1)
-                report[f"adapted_mlm_{other}"] = bert_adapt.mlm_accuracy(mlm, examples)
+                examples = heads.masked_word_examples(mlm, heads.split_sentences(lines), args.valid, seed=1)
+                report[f"adapted_mlm_{other}"] = adapt.mlm_accuracy(mlm, examples)
                 print(f"adapted MLM on {other}:", report[f"adapted_mlm_{other}"])
         report["contextual_vs_nearest"] = contextual_vs_nearest(mlm, train_lines, valid_sentences, args.vocab_size,
                                                                 args.contextual_n)

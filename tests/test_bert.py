@@ -1,12 +1,16 @@
 import importlib.util
+import json
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from toyjax.models import bert as bert_lib
-from toyjax.models import bert_candidates
+from toyjax import bert as bert_lib
+from toyjax.bert import candidates as bert_candidates
+from toyjax.bert.model import attention_allowed, bidirectional_attention
+from toyjax.metrics import read_metrics
 
 WORDS = ["the", "a", "cat", "dog", "sat", "on", "mat", ".", "un", "##believ", "##able", "##s", "rain", "##bow",
          "##y", "big", "blue"]
@@ -67,7 +71,7 @@ def test_chain_rule_equals_brute_force_loop(tiny):
     names, scores = bert_candidates.candidate_log_scores(tiny, ["the [MASK] sat on the mat ."], CANDIDATES)
     expected = [brute_force_log_prob(tiny, "the ", " sat on the mat .", c) for c in names]
     np.testing.assert_allclose(scores[0], expected, atol=1e-4)
-    distribution = tiny.candidate_distribution("the [MASK] sat on the mat .", CANDIDATES)
+    distribution = bert_lib.candidate_distribution(tiny, "the [MASK] sat on the mat .", CANDIDATES)
     reference = np.exp(expected - np.max(expected))
     np.testing.assert_allclose([distribution[c] for c in names], reference / reference.sum(), atol=1e-5)
 
@@ -95,7 +99,7 @@ def test_pack_rows_places_every_row_once_within_capacity():
 
 def test_candidates_sharing_a_first_piece_stay_distinct_and_sum_to_one(tiny):
     shared = ["rain", "rainbow", "rainbows", "rainy"]  # all start with the piece "rain"
-    distribution = tiny.candidate_distribution("a big [MASK] .", shared)
+    distribution = bert_lib.candidate_distribution(tiny, "a big [MASK] .", shared)
     assert list(distribution) == shared
     assert len(set(np.round(list(distribution.values()), 12))) == 4
     assert abs(sum(distribution.values()) - 1) < 1e-9
@@ -109,21 +113,21 @@ def test_most_probable_is_argmax_of_the_full_distribution(tiny):
 
 def test_vocabulary_distribution_over_a_word_list(tiny):
     vocab = ["<pad>", "<unk>", "<eos>", "cat", "dog", "rainbow", "."]
-    probs = tiny.vocabulary_distribution(bert_candidates.mask_word(["the", "cat", "sat"], 1), vocab)
+    probs = bert_lib.vocabulary_distribution(tiny, bert_candidates.mask_word(["the", "cat", "sat"], 1), vocab)
     assert probs.shape == (7,) and np.all(probs[:3] == 0) and abs(probs.sum() - 1) < 1e-9
-    expected = tiny.candidate_distribution("the [MASK] sat", vocab[3:])
+    expected = bert_lib.candidate_distribution(tiny, "the [MASK] sat", vocab[3:])
     np.testing.assert_allclose(probs[3:], [expected[w] for w in vocab[3:]], atol=1e-9)
 
 
 def test_bad_masked_text_or_candidates_are_clear_errors(tiny):
     with pytest.raises(ValueError, match=r"exactly one \[MASK\]"):
-        tiny.candidate_distribution("the cat sat", ["dog"])
+        bert_lib.candidate_distribution(tiny, "the cat sat", ["dog"])
     with pytest.raises(ValueError, match=r"exactly one \[MASK\]"):
-        tiny.candidate_distribution("[MASK] [MASK]", ["dog"])
+        bert_lib.candidate_distribution(tiny, "[MASK] [MASK]", ["dog"])
     with pytest.raises(ValueError, match="empty candidate list"):
-        tiny.candidate_distribution("the [MASK] sat", [])
+        bert_lib.candidate_distribution(tiny, "the [MASK] sat", [])
     with pytest.raises(ValueError, match="no word-pieces"):
-        tiny.candidate_distribution("the [MASK] sat", ["cat", "  "])
+        bert_lib.candidate_distribution(tiny, "the [MASK] sat", ["cat", "  "])
 
 
 def _rewrite(tmp_path, source, edit):
@@ -165,15 +169,15 @@ def test_missing_mlm_head_is_reported_and_encoder_still_works(tmp_path, tiny, ca
     assert "has no MLM head" in capsys.readouterr().out
     np.testing.assert_allclose(headless.hidden_states(["the cat sat"]), tiny.hidden_states(["the cat sat"]), atol=1e-6)
     with pytest.raises(ValueError, match="no MLM head"):
-        headless.candidate_distribution("the [MASK] sat", ["cat"])
+        bert_lib.candidate_distribution(headless, "the [MASK] sat", ["cat"])
 
 
 def test_bidirectional_attention_matches_float64_loop_with_padding_and_packed_segments():
     rng = np.random.default_rng(0)
     q, k, v = (rng.normal(size=(3, 5, 3, 4)) for _ in range(3))
     segments = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 2, 2, 0]])  # plain, padded, two packed rows
-    allowed = bert_lib.attention_allowed(jnp.asarray(segments), jnp.asarray(segments))
-    out = np.asarray(bert_lib.bidirectional_attention(*(jnp.asarray(x, jnp.float32) for x in (q, k, v)), allowed))
+    allowed = attention_allowed(jnp.asarray(segments), jnp.asarray(segments))
+    out = np.asarray(bidirectional_attention(*(jnp.asarray(x, jnp.float32) for x in (q, k, v)), allowed))
     for b in range(3):
         for i in range(5):
             # a query sees its own segment; a padding query sees every real key (Hugging Face's behaviour)
@@ -184,21 +188,57 @@ def test_bidirectional_attention_matches_float64_loop_with_padding_and_packed_se
                 np.testing.assert_allclose(out[b, i, h], weights @ v[b, keep, h] / weights.sum(), atol=1e-5)
 
 
-def test_adapt_checkpoints_resumes_and_writes_a_loadable_hf_folder(tmp_path, tiny):
-    from toyjax import bert_adapt
+def test_contextual_simplifier_picks_the_masked_lm_argmax_over_top_words(tiny):
+    import collections
 
+    from toyjax.tokenizers.contextual import ContextualSimplifier
+    from toyjax.tokenizers.simplify import get_strategy
+
+    assert get_strategy("contextual") is ContextualSimplifier
+    top_words = ["the", "a", "cat", "dog", "sat", "on", "mat", ".", "rainbow", "blue"]
+    documents = [["the", "zebra", "sat", "on", "the", "mat", "."], ["a", "blue", "okapi", "."]]
+    simplifier = ContextualSimplifier(model_path=tiny.folder)
+    simplifier.fit(collections.Counter(w for d in documents for w in d), top_words, documents)
+    chosen = simplifier.simplify_occurrences([(documents[0], 1), (documents[1], 2), (["zebra"], 0)])
+    words = [w for w in top_words if w.isalpha()]
+    expected = [bert_lib.candidate_distribution(tiny, text, words) for text in ("the [MASK] sat on the mat .", "a blue [MASK] .")]
+    assert chosen[:2] == [max(d, key=d.get) for d in expected]
+    assert chosen[2] == chosen[0]  # no context: the word's most frequent choice at fit time
+    restored = ContextualSimplifier.from_state(simplifier.state())
+    assert restored.simplify_occurrences([(documents[1], 2)]) == [chosen[1]]
+
+
+# ------------------------------------------------------------------------------------------ bert-adapt
+ADAPT_CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "bert_adapt.py"
+
+
+def _adapt_setup(tmp_path):
+    """Returns (base folder without an MLM head, corpus file) for tiny adaptation runs."""
     base = bert_lib.write_random_folder(tmp_path / "base", WORDS, with_mlm_head=False)
     corpus = tmp_path / "corpus.txt"
-    rng = np.random.default_rng(0)
-    corpus.write_text("\n".join(" ".join(rng.choice(["the", "a", "big", "blue", "cat", "dog", "sat", "on", "mat"], 8)) + " ."
-                                 for _ in range(300)))
-    settings = dict(base=base, batch_size=4, seq_len=16, n_eval=8, save_every=2, eval_every=2)
-    first = bert_adapt.adapt(corpus, tmp_path / "run", steps=2, **settings)
-    second = bert_adapt.adapt(corpus, tmp_path / "run", steps=3, **settings)
+    corpus.write_text("\n".join(f"the {w} cat sat on the mat {i} ." for i, w in enumerate(["big", "blue"] * 150)))
+    return base, corpus
+
+
+def _tiny_overrides(base, corpus, **more):
+    values = dict(corpus=corpus, base=base, batch_size=2, seq_len=16, n_eval=8, time_budget_min=0, **more)
+    return [f"--config.bert_adapt.{key}={value}" for key, value in values.items()]
+
+
+def test_adapt_checkpoints_resumes_and_writes_a_loadable_hf_folder(tmp_path):
+    from toyjax.bert import adapt
+    from toyjax.config import apply_overrides, load_config_file
+
+    base, corpus = _adapt_setup(tmp_path)
+    config = lambda steps: apply_overrides(load_config_file(ADAPT_CONFIG), _tiny_overrides(
+        base, corpus, steps=steps, save_every=2, eval_every=2))
+    first = adapt.run(config(2), tmp_path / "run")
+    second = adapt.run(config(3), tmp_path / "run")  # more steps: resumes from step 2
     assert (first["step"], second["step"]) == (2, 3)
+    assert [r["step"] for r in read_metrics(tmp_path / "run") if r["split"] == "train"] == [1, 2, 3]
     adapted = bert_lib.load(second["hf_folder"])
     assert adapted.has_mlm_head
-    assert abs(sum(adapted.candidate_distribution("the [MASK] sat .", ["cat", "rainbow"]).values()) - 1) < 1e-9
+    assert abs(sum(bert_lib.candidate_distribution(adapted, "the [MASK] sat .", ["cat", "rainbow"]).values()) - 1) < 1e-9
     if HAS_TORCH:
         import torch
         import transformers
@@ -211,61 +251,61 @@ def test_adapt_checkpoints_resumes_and_writes_a_loadable_hf_folder(tmp_path, tin
         assert np.abs(ours - theirs).max() <= 1e-4
 
 
-def test_adapt_command_line_flags_reach_training(tmp_path):
-    from toyjax import bert_adapt
+def test_bert_adapt_command_overrides_reach_training(tmp_path, monkeypatch, capsys):
+    import launch
+    from toyjax.bert import adapt
 
-    base = bert_lib.write_random_folder(tmp_path / "base", WORDS, with_mlm_head=False)
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(f"the {w} cat sat on the mat {i} ." for i, w in enumerate(["big", "blue"] * 150)))
-    common = ["--corpus", str(corpus), "--base", str(base), "--batch-size", "2", "--seq-len", "16"]
-    summary = bert_adapt.main([*common, "--workdir", str(tmp_path / "run"), "--steps", "3", "--mask-rate", "0.5",
-                               "--eval-every", "2", "--save-every", "1"])
-    assert summary["step"] == 3
-    import json
+    base, corpus = _adapt_setup(tmp_path)
+    masked_per_row = []
+    real_masked_batch = adapt.masked_batch
 
-    settings = json.loads((tmp_path / "run" / "settings.json").read_text())
-    assert (settings["mask_rate"], settings["masked_per_row"], settings["batch_size"]) == (0.5, 7, 2)
-    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in logged if r["split"] == "valid"] == [0, 2, 3]
+    def spy(windows, step, seed, batch_size, n_masked, *rest):
+        masked_per_row.append((batch_size, n_masked, windows.shape[1]))
+        return real_masked_batch(windows, step, seed, batch_size, n_masked, *rest)
+
+    monkeypatch.setattr(adapt, "masked_batch", spy)
+    command = ["bert-adapt", "--config", str(ADAPT_CONFIG), "--workdir", str(tmp_path / "run")]
+    tiny = _tiny_overrides(base, corpus, eval_every=2, save_every=1)
+    assert launch.main([*command, *tiny, "--config.bert_adapt.steps=3", "--config.bert_adapt.mask_rate=0.5"]) == 0
+    assert set(masked_per_row) == {(2, 7, 16)}  # 0.5 of the 14 pieces between [CLS] and [SEP]
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["bert_adapt"]
+    assert (saved["mask_rate"], saved["steps"], saved["corpus"]) == (0.5, 3, str(corpus))
+    assert [r["step"] for r in read_metrics(tmp_path / "run") if r["split"] == "valid"] == [0, 2, 3]
     assert sorted(int(d.name) for d in (tmp_path / "run" / "checkpoints").iterdir() if d.name.isdigit()) == [2, 3]
-    from toyjax.config import ConfigError
 
-    # Resuming with other settings is refused, naming each difference; settings.json keeps the run's own.
-    saved = (tmp_path / "run" / "settings.json").read_text()
-    with pytest.raises(ConfigError, match=r"(?s)holds a bert-adapt run with other settings.*"
-                                          r"mask_rate: workdir has 0.5, config asks 0.25.*masked_per_row: workdir has 7"):
-        bert_adapt.main([*common, "--workdir", str(tmp_path / "run"), "--steps", "4", "--mask-rate", "0.25"])
-    assert (tmp_path / "run" / "settings.json").read_text() == saved
+    # Resuming with another mask rate is refused in one line per difference; config.json keeps the run's own.
+    capsys.readouterr()
+    before = (tmp_path / "run" / "config.json").read_text()
+    assert launch.main([*command, *tiny, "--config.bert_adapt.steps=4", "--config.bert_adapt.mask_rate=0.25"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'run'} holds a different bert-adapt run")
+    assert "bert_adapt.mask_rate: workdir has 0.5, config asks 0.25" in err and "steps" not in err
+    assert (tmp_path / "run" / "config.json").read_text() == before
 
-    with pytest.raises(ConfigError, match="mask_rate"):
-        bert_adapt.adapt(corpus, tmp_path / "bad", base=base, mask_rate=1.5)
-    with pytest.raises(ConfigError, match=r"mask_rate must be in \(0, 1\], got 0.0"):
-        bert_adapt.main([*common, "--workdir", str(tmp_path / "bad"), "--mask-rate", "0"])
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.bert_adapt.mask_rate=0", r"bert_adapt.mask_rate must be in (0, 1], got 0.0"),
+    ("--config.bert_adapt.mask_rate=1.5", r"bert_adapt.mask_rate must be in (0, 1], got 1.5"),
+    ("--config.bert_adapt.mask_rat=0.3", "unknown config key 'bert_adapt.mask_rat'; did you mean 'bert_adapt.mask_rate'?"),
+    ("--config.bert_adapt.steps=0", "bert_adapt.steps must be at least 1, got 0"),
+    ("--config.bert_adapt.seq_len=65", "bert_adapt.seq_len=65 exceeds the model's 64 positions"),
+    ("--config.bert_adapt.corpus=", "bert_adapt.corpus is required"),
+    ("--config.bert_adapt.corpus=MISSING", "bert_adapt.corpus: file MISSING does not exist"),
+    ("--config.bert_adapt.base=MISSING", "bert_adapt.base: MISSING is not a Hugging Face BERT folder"),
+    ("--config.bert_adapt.corpus=EMPTY", "corpus file EMPTY is empty"),
+    ("--config.bert_adapt.corpus=SHORT", "SHORT: too small to adapt on"),
+])
+def test_bert_adapt_bad_config_or_corpus_is_one_line_and_makes_no_workdir(tmp_path, capsys, override, message):
+    import launch
+
+    base, corpus = _adapt_setup(tmp_path)
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "short.txt").write_text("the cat sat .\n")
-    from toyjax.data.text import CorpusError
-
-    with pytest.raises(CorpusError, match="empty"):
-        bert_adapt.adapt(tmp_path / "empty.txt", tmp_path / "bad", base=base)
-    with pytest.raises(CorpusError, match="too small"):
-        bert_adapt.adapt(tmp_path / "short.txt", tmp_path / "bad", base=base)
-
-
-def test_contextual_simplifier_picks_the_masked_lm_argmax_over_top_words(tiny):
-    import collections
-
-    from toyjax.tokenizers.contextual import ContextualSimplifier
-    from toyjax.tokenizers.simplify import STRATEGIES
-
-    assert STRATEGIES["contextual"] is ContextualSimplifier
-    top_words = ["the", "a", "cat", "dog", "sat", "on", "mat", ".", "rainbow", "blue"]
-    documents = [["the", "zebra", "sat", "on", "the", "mat", "."], ["a", "blue", "okapi", "."]]
-    simplifier = ContextualSimplifier(model_path=tiny.folder)
-    simplifier.fit(collections.Counter(w for d in documents for w in d), top_words, documents)
-    chosen = simplifier.simplify_occurrences([(documents[0], 1), (documents[1], 2), (["zebra"], 0)])
-    words = [w for w in top_words if w.isalpha()]
-    expected = [tiny.candidate_distribution(text, words) for text in ("the [MASK] sat on the mat .", "a blue [MASK] .")]
-    assert chosen[:2] == [max(d, key=d.get) for d in expected]
-    assert chosen[2] == chosen[0]  # no context: the word's most frequent choice at fit time
-    restored = ContextualSimplifier.from_state(simplifier.state())
-    assert restored.simplify_occurrences([(documents[1], 2)]) == [chosen[1]]
+    files = {"MISSING": tmp_path / "missing", "EMPTY": tmp_path / "empty.txt", "SHORT": tmp_path / "short.txt"}
+    for name, path in files.items():
+        override, message = override.replace(name, str(path)), message.replace(name, str(path))
+    command = ["bert-adapt", "--config", str(ADAPT_CONFIG), "--workdir", str(tmp_path / "run")]
+    assert launch.main([*command, *_tiny_overrides(base, corpus), override]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()

@@ -1,4 +1,4 @@
-"""Typed experiment configs: four sections (data, tokenizer, model, train), every default in one place.
+"""Typed experiment configs: sections data, tokenizer, model, train (and bert_adapt), every default in one place.
 
 A config file is a Python file with a docstring (the command that runs it and what to expect) and a
 `get_config() -> Config`. Command-line overrides look like `--config.model.d_model=256`; values are parsed
@@ -121,11 +121,31 @@ class TrainConfig(_Section):
 
 
 @dataclasses.dataclass
+class BertAdaptConfig(_Section):
+    """`launch.py bert-adapt`: masked-LM adaptation of a BERT on a corpus (see toyjax.bert.adapt)."""
+
+    corpus: str = ""  # UTF-8 text file to adapt on (required)
+    base: str = ""  # Hugging Face BERT folder ("" = the packaged all-MiniLM-L6-v2)
+    steps: int = 1050  # length of the learning-rate schedule
+    batch_size: int = 32
+    seq_len: int = 64  # word-pieces per row, [CLS] and [SEP] included
+    learning_rate: float = 3e-4
+    warmup_steps: int = 30
+    mask_rate: float = 0.4  # fraction of pieces masked (80 % [MASK], 10 % random, 10 % kept)
+    time_budget_min: float = 0.0  # stop after this much wall time, evaluation included, across resumes; 0 = none
+    eval_every: int = 200
+    save_every: int = 100
+    n_eval: int = 1000  # held-out masked words evaluated
+    seed: int = 0
+
+
+@dataclasses.dataclass
 class Config(_Section):
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = dataclasses.field(default_factory=TokenizerConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    bert_adapt: BertAdaptConfig = dataclasses.field(default_factory=BertAdaptConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -280,6 +300,10 @@ RANGES = {
     "train.eval_batches": "[1, inf)", "train.log_every": "[1, inf)", "train.checkpoint_every": "[1, inf)",
     "train.keep_checkpoints": "[1, inf)", "train.n_samples": "[0, inf)", "train.sample_length": "[1, inf)",
     "train.sample_temperature": "(0, inf)",
+    "bert_adapt.steps": "[1, inf)", "bert_adapt.batch_size": "[1, inf)", "bert_adapt.seq_len": "[3, inf)",
+    "bert_adapt.learning_rate": "(0, inf)", "bert_adapt.warmup_steps": "[0, inf)", "bert_adapt.mask_rate": "(0, 1]",
+    "bert_adapt.time_budget_min": "[0, inf)", "bert_adapt.eval_every": "[1, inf)", "bert_adapt.save_every": "[1, inf)",
+    "bert_adapt.n_eval": "[1, inf)", "bert_adapt.seed": "[0, inf)",
 }
 
 

@@ -1,1 +1,1 @@
-"""Toy decoders and BERT, with pluggable attention and feed-forward parts."""
+"""Toy decoders with pluggable attention and feed-forward parts (the BERT encoder is in toyjax.bert)."""

@@ -5,7 +5,7 @@
 Each out-of-vocabulary occurrence is replaced by [MASK] in its sentence (the words around it, up to the
 nearest sentence end, at most `window` words each side) and the candidates are the top words of the same
 class (a rare word never becomes punctuation). The choice is the exact chain-rule argmax
-(toyjax.models.bert_candidates.most_probable), batched with a progress bar and cached per context.
+(toyjax.bert.most_probable), batched with a progress bar and cached per context.
 
 The masked LM must have an MLM head. The packaged all-MiniLM-L6-v2 has none, so point the strategy at an
 adapted folder: `TOYJAX_BERT=runs/bert_adapt/hf` (written by `python launch.py bert-adapt`) or any BERT folder
@@ -19,9 +19,8 @@ import collections
 import os
 from pathlib import Path
 
-from toyjax.models import bert as bert_lib
-from toyjax.models import bert_candidates
-from toyjax.tokenizers.simplify import STRATEGIES, UNK, word_class
+from toyjax import bert as bert_lib
+from toyjax.tokenizers.words import UNK, word_class
 
 SENTENCE_ENDS = {".", "!", "?"}
 
@@ -84,7 +83,7 @@ class ContextualSimplifier:
             texts = [" ".join([*left, bert_lib.MASK_TOKEN, *right]) for left, _, right in class_keys]
             chosen = []
             for start in self._progress(range(0, len(texts), self.chunk), len(texts)):
-                chosen += bert_candidates.most_probable(self._bert_model(), texts[start: start + self.chunk], candidates)
+                chosen += bert_lib.most_probable(self._bert_model(), texts[start: start + self.chunk], candidates)
             self._cache.update(zip(class_keys, chosen))
         for key, indices in todo.items():
             for n in indices:
@@ -113,7 +112,8 @@ class ContextualSimplifier:
             if not self._bert.has_mlm_head:
                 raise ValueError(
                     f"contextual simplification needs a masked LM with an MLM head; {self._bert.folder} has none. "
-                    "Adapt one (python launch.py bert-adapt --corpus FILE --workdir runs/bert_adapt) and set "
+                    "Adapt one (python launch.py bert-adapt --config experiments/configs/bert_adapt.py "
+                    "--workdir runs/bert_adapt) and set "
                     "TOYJAX_BERT=runs/bert_adapt/hf, or pass ContextualSimplifier(model_path=...)")
         return self._bert
 
@@ -136,6 +136,3 @@ class ContextualSimplifier:
         from tqdm import tqdm
 
         return tqdm(steps, desc=f"contextual simplification ({total} contexts)", unit="chunk")
-
-
-STRATEGIES["contextual"] = ContextualSimplifier

@@ -3,17 +3,18 @@
 A strategy has `fit(word_counts, top_words, documents)`, `simplify_occurrences(occurrences) -> list[str]`
 (each occurrence is (sentence words, index of the rare word)), and `state()` / `from_state(state)` so the
 choice is saved with the tokenizer. Static strategies ignore the sentence; "contextual" (BERT, in
-toyjax/tokenizers/contextual.py) reads it.
+toyjax/tokenizers/contextual.py) reads it. This module owns the registry: "contextual" is imported on first use
+(it loads JAX and the BERT package), and it does not import this module back.
 """
 
 from __future__ import annotations
 
 import collections
-import importlib
 
 import numpy as np
 
-UNK = "<unk>"
+from toyjax.tokenizers.words import UNK, word_class
+
 STRATEGIES: dict[str, type] = {}
 
 
@@ -27,8 +28,11 @@ def register(name: str):
 
 
 def get_strategy(name: str) -> type:
-    if name not in STRATEGIES and name == "contextual":
-        importlib.import_module("toyjax.tokenizers.contextual")  # registers itself; pulls in BERT
+    """Returns the strategy class registered under name; "contextual" is imported and registered on first use."""
+    if name == "contextual" and name not in STRATEGIES:
+        from toyjax.tokenizers.contextual import ContextualSimplifier
+
+        STRATEGIES[name] = ContextualSimplifier
     if name not in STRATEGIES:
         raise ValueError(f"unknown simplification strategy '{name}'; choose from {', '.join(sorted(STRATEGIES) + ['contextual'])}")
     return STRATEGIES[name]
@@ -57,15 +61,6 @@ class UnkStrategy(StaticStrategy):
 
     def fit(self, word_counts, top_words, documents) -> None:
         self.mapping = {}
-
-
-def word_class(word: str) -> str:
-    """Coarse kind of a token, so a rare number never becomes a word or a punctuation mark."""
-    if word[:1].isalpha():
-        return "word"
-    if word[:1].isdigit():
-        return "number"
-    return "symbol"
 
 
 def ppmi_context_vectors(documents, rows: list[str], contexts: list[str], window: int = 2, alpha: float = 0.75):

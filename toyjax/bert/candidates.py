@@ -7,6 +7,9 @@ of a sentence cost one pass, and two-piece candidates sharing a first piece shar
 packed several to a 48-token sequence, in batches of 1, 2, 4, 8 or 16 sequences, so the jitted forward compiles a
 handful of times and computes no padding.
 Candidates stay distinct keys even when they share pieces; the distribution is renormalised over them.
+
+    toyjax.bert.candidate_distribution(bert, "the [MASK] sat .", ["cat", "dog", "aardvark"])  # {word: probability}
+    toyjax.bert.most_probable(bert, texts_with_mask, candidates)                              # exact argmax per text
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from collections import defaultdict
 import numpy as np
 from tqdm import tqdm
 
-from toyjax.models.bert import MASK_TOKEN
+from toyjax.bert.model import MASK_TOKEN
 
 PACK_LENGTH = 48  # tokens per packed sequence (~3 TinyStories rows); 32-128 measured within 10 % of each other
 PACK_BATCH = 16  # packed sequences per forward call
@@ -115,7 +118,7 @@ def run_rows(bert, rows: list[tuple], targets_per_row: list[list[int]], progress
                 position_ids[b, offset:end] = np.arange(lengths[index])
                 query[b, slot] = offset + scored[index]
                 offset = end
-        log_probs = np.asarray(bert._masked_log_probs(bert.params, ids, segments, query, position_ids))
+        log_probs = np.asarray(bert.masked_log_probs(ids, segments, query, position_ids))
         for b, members in enumerate(chunk):
             for slot, index in enumerate(members):
                 results[index] = log_probs[b, slot, targets_per_row[index]]

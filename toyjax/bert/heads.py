@@ -6,7 +6,12 @@ Two heads, both hidden -> classes:
             (for a toyjax tokenizer's words, the mean embedding of each word's pieces).
 Targets are BERT word-piece ids or the ids of a toyjax tokenizer (`word_targets`).
 
-Why the users' linear head "could not even overfit": see overfit_check's docstring and .notes/issue5.md. In short,
+    examples = heads.masked_word_examples(bert, sentences, n=3000)
+    features = heads.masked_features(bert, examples, cache_dir="runs/cache")   # [layers + 1, n, hidden]
+    head, history = heads.train_head(features[3], examples.piece_targets, bert.config.vocab_size, "bert", decoder)
+    heads.head_accuracy(head, valid_features[3], valid.piece_targets)          # {'top1': .., 'top5': ..}
+
+Why the users' linear head "could not even overfit": see overfit_check and docs/experiments/bert.md. In short,
 the raw features are badly scaled (a few dimensions of all-MiniLM-L6-v2 are large), and each full-batch step costs
 a 30522-way softmax (~18 GFLOP for 512 examples), so a small learning rate never gets there in a sane time.
 Standardised features + Adam at a large learning rate + full-batch steps overfit 512 examples in tens of steps.
@@ -25,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from toyjax.models.bert import gelu_exact
+from toyjax.bert.model import gelu_exact
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
@@ -109,7 +114,7 @@ def masked_features(bert, examples: MaskedExamples, batch_size: int = 64, cache_
         sl = slice(start, start + batch_size)
         ids, mask = examples.ids[sl], examples.attention_mask[sl]
         pad = batch_size - len(ids)  # fixed batch shape: one compilation
-        states = bert._encode(bert.params, np.pad(ids, ((0, pad), (0, 0))), np.pad(mask, ((0, pad), (0, 0))))
+        states = bert.layer_states(np.pad(ids, ((0, pad), (0, 0))), np.pad(mask, ((0, pad), (0, 0))))
         positions = examples.positions[sl]
         chunks.append(np.stack([np.asarray(s)[np.arange(len(positions)), positions] for s in states]))
     features = np.concatenate(chunks, axis=1)
