@@ -20,11 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Known circles, by the edge that closes them. Each entry is an expected failure: the strict test below fails
 # once the circle is gone, so the entry is removed then. Nothing else may be added here.
-KNOWN_CYCLE_EDGES = {
-    # runs.load_run imports train.init_params inside a function; train.run imports runs. Fixed by moving
-    # model initialisation out of train.py (another step of the same refactor).
-    ("toyjax.runs", "toyjax.train"),
-}
 
 
 def module_names(root: Path, package: str) -> dict[str, Path]:
@@ -107,28 +102,13 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-def without_known_edges(graph: dict[str, set[str]]) -> dict[str, set[str]]:
-    return {node: {t for t in targets if (node, t) not in KNOWN_CYCLE_EDGES} for node, targets in graph.items()}
-
-
 def test_toyjax_has_no_import_cycle():
-    cycle = find_cycle(without_known_edges(import_graph(ROOT, "toyjax")))
-    assert cycle is None, "import circle: " + " -> ".join(cycle)
-
-
-@pytest.mark.xfail(strict=True, reason="train.py <-> runs.py is fixed in another step; then empty KNOWN_CYCLE_EDGES")
-def test_toyjax_has_no_import_cycle_even_through_known_edges():
     cycle = find_cycle(import_graph(ROOT, "toyjax"))
     assert cycle is None, "import circle: " + " -> ".join(cycle)
 
 
-def test_known_edges_are_real():
-    graph = import_graph(ROOT, "toyjax")
-    assert all(target in graph.get(source, ()) for source, target in KNOWN_CYCLE_EDGES)
-
-
 def test_importing_toyjax_bert_pulls_in_no_cycle():
-    graph = without_known_edges(import_graph(ROOT, "toyjax"))
+    graph = import_graph(ROOT, "toyjax")
     reachable, todo = set(), ["toyjax.bert"]
     while todo:
         node = todo.pop()

@@ -38,7 +38,7 @@ from toyjax.bert import heads
 from toyjax.bert.hf import write_folder
 from toyjax.bert.model import BertModule, init_params, load
 from toyjax.checkpoints import Checkpoints
-from toyjax.config import BertAdaptConfig, Config, ConfigError
+from toyjax.config import BertAdaptConfig, Config, ConfigError, validate
 from toyjax.data.text import CorpusError, read_text_file
 from toyjax.metrics import MetricsWriter, read_metrics
 from toyjax.runs import differences
@@ -141,7 +141,7 @@ def run(config: Config, workdir) -> dict:
 
     Everything that can be wrong with the config or the corpus is reported before the workdir is created.
     """
-    cfg = config.bert_adapt
+    cfg = validate(config).bert_adapt
     check_config(cfg)
     text = read_text_file(Path(cfg.corpus))  # empty, binary and non-UTF-8 files are a CorpusError naming the file
     try:
