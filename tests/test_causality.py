@@ -6,6 +6,7 @@ a capacity factor that really drops tokens, since capacity is where a leak would
 """
 
 import dataclasses
+import functools
 import importlib
 import pkgutil
 
@@ -29,7 +30,7 @@ CUTS = (0, 6, 13, 20)  # change every token after position t, check positions <=
 def tiny_config(**overrides) -> ModelConfig:
     # Untied embeddings make the logits O(1), so the 1e-6 tolerance is tight relative to them.
     base = dict(vocab_size=VOCAB, d_model=16, n_layers=2, n_heads=2, d_ff=32, max_len=LENGTH,
-                tie_embeddings=False, attention_top_k=4)
+                tie_embeddings=False, attention_top_k=4, moe=MoEConfig(n_experts=4))
     return ModelConfig(**{**base, **overrides})
 
 
@@ -45,6 +46,7 @@ CASES |= {f"moe-{router}-{dispatch}-dropping": dropping_moe(router, dispatch)
           for router in ("noisy_topk", "switch") for dispatch in ("einsum", "sort")}
 
 
+@functools.lru_cache(maxsize=None)  # one compiled function per config and mode, shared by the tests
 def forward(cfg: ModelConfig, *, training: bool):
     """Returns a jitted fn(params, tokens) -> (logits, dropped fraction of MoE assignments or None)."""
     model = Decoder(cfg)
@@ -101,7 +103,9 @@ def test_later_tokens_do_not_change_earlier_logits(name, training):
 def test_a_row_does_not_depend_on_the_other_rows(name, training):
     # In training the router noise and dropout masks are drawn for the whole [batch, length] array, so a row alone
     # would get different draws than in the batch: here training runs without them (noise off, dropout 0). The
-    # training code path (capacity, dispatch) is still the one exercised.
+    # training code path (capacity, dispatch) is still the one exercised. Tolerance: a batch of 1 and of 4 compile
+    # to different matmul blockings, which round O(1) logits differently by ~1e-6; the leak this guards against
+    # (GShard capacity over the batch) moved them by 0.07-0.21.
     cfg = CASES[name]
     if training and cfg.ffn == "moe":
         cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, noise=False))
@@ -111,5 +115,5 @@ def test_a_row_does_not_depend_on_the_other_rows(name, training):
     assert_drops_if_dropping(name, dropped)
     for row in (0, BATCH - 1):
         alone, _ = run(params, tokens[row : row + 1])
-        np.testing.assert_allclose(alone[0], batch_logits[row], rtol=0, atol=1e-6,
+        np.testing.assert_allclose(alone[0], batch_logits[row], rtol=0, atol=1e-5,
                                    err_msg=f"{name}: row {row} alone differs from row {row} in a batch of {BATCH}")
