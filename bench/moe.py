@@ -1,11 +1,12 @@
 """MoE feed-forward layer vs a dense FFN with the same active compute, forward + backward, measured side by side.
 
-    .venv/bin/python bench/moe.py            # tokens 4096, d_model 256, d_ff 1024, 8 experts, top-2
+    .venv/bin/python bench/moe.py            # tokens 4096 as 32 rows of 128, d_model 256, d_ff 1024, 8 experts, top-2
     .venv/bin/python bench/moe.py --quick    # small shapes, a few seconds
 
 The dense reference has d_ff = top_k·d_ff, so both do the same matmul FLOPs per token. Sort dispatch is dropless
-(capacity_factor 0); einsum dispatch uses capacity_factor 1.25 (its dispatch tensors grow with capacity). With torch
-installed, the same three layers in PyTorch (sort dispatch by per-expert slicing, einsum with capacity) are timed too.
+(capacity_factor 0); einsum dispatch uses capacity_factor 1.25 per row of --seq-len tokens (the layer's causal
+capacity groups; its dispatch tensors grow with capacity). With torch installed, the same three layers in PyTorch
+(sort dispatch by per-expert slicing, einsum with per-row causal capacity) are timed too.
 Times are the minimum over interleaved repetitions; --cpu-time reports process CPU time instead of wall time, which
 is steadier on a shared machine (pin to one core with `taskset -c 0` to compare single-thread work).
 """
@@ -31,10 +32,10 @@ from toyjax.models.moe import MoE  # noqa: E402
 def jax_layers(args):
     """Returns {name: (step_fn, args)} with step = jitted value_and_grad of a random projection of the output."""
     def cfg(ffn_width, dispatch, capacity_factor):
-        return ModelConfig(d_model=args.d_model, d_ff=ffn_width, moe=MoEConfig(
+        return ModelConfig(d_model=args.d_model, d_ff=ffn_width, max_len=args.seq_len, moe=MoEConfig(
             n_experts=args.experts, top_k=args.top_k, dispatch=dispatch, capacity_factor=capacity_factor))
 
-    x = jax.random.normal(jax.random.key(0), (1, args.tokens, args.d_model))
+    x = jax.random.normal(jax.random.key(0), (args.tokens // args.seq_len, args.seq_len, args.d_model))
     cotangent = jax.random.normal(jax.random.key(1), x.shape)
     modules = {"dense": DenseFFN(cfg(args.top_k * args.d_ff, "sort", 0.0)),
                "moe_sort": MoE(cfg(args.d_ff, "sort", 0.0)),
@@ -60,7 +61,7 @@ def torch_layers(args):
     except ImportError:
         return {}
     torch.manual_seed(0)
-    t, d, f, e, k = args.tokens, args.d_model, args.d_ff, args.experts, args.top_k
+    t, d, f, e, k, n = args.tokens, args.d_model, args.d_ff, args.experts, args.top_k, args.seq_len
     x = torch.randn(t, d, requires_grad=True)
     cot = torch.randn(t, d)
     dense = torch.nn.Sequential(torch.nn.Linear(d, k * f), torch.nn.GELU(), torch.nn.Linear(k * f, d))
@@ -89,18 +90,20 @@ def torch_layers(args):
         y = torch.zeros(t * k, d).index_copy(0, order, ys).view(t, k, d)
         return (y * gate[..., None]).sum(1)
 
-    def moe_einsum():
+    def moe_einsum():  # rows of n tokens, each with its own slots, filled in position order (causal)
         idx, gate = route()
-        capacity = math.ceil(1.25 * t * k / e)
-        hot = torch.nn.functional.one_hot(idx.t().reshape(-1), e)  # first choices first
-        slot = ((hot.cumsum(0) - 1) * hot).sum(-1).view(k, t).t()
+        idx, gate, xg = idx.view(-1, n, k), gate.view(-1, n, k), x.view(-1, n, d)
+        capacity = math.ceil(1.25 * n * k / e)
+        hot = torch.nn.functional.one_hot(idx.reshape(-1, n * k), e)
+        slot = ((hot.cumsum(1) - 1) * hot).sum(-1).view(idx.shape)
         keep = (slot < capacity).float()
         slot_hot = torch.nn.functional.one_hot(slot.clamp(max=capacity - 1), capacity).float() * keep[..., None]
         expert_hot = torch.nn.functional.one_hot(idx, e).float()
-        dispatch = torch.einsum("tke,tkc->tec", expert_hot, slot_hot)
-        combine = torch.einsum("tke,tkc,tk->tec", expert_hot, slot_hot, gate)
-        h = torch.nn.functional.gelu(torch.einsum("tec,td,edf->ecf", dispatch, x, w_up) + b_up[:, None])
-        return torch.einsum("tec,ecd->td", combine, torch.einsum("ecf,efd->ecd", h, w_down) + b_down[:, None])
+        dispatch = torch.einsum("glke,glkc->glec", expert_hot, slot_hot)
+        combine = torch.einsum("glke,glkc,glk->glec", expert_hot, slot_hot, gate)
+        h = torch.nn.functional.gelu(torch.einsum("glec,gld,edf->gecf", dispatch, xg, w_up) + b_up[:, None])
+        out = torch.einsum("gecf,efd->gecd", h, w_down) + b_down[:, None]
+        return torch.einsum("glec,gecd->gld", combine, out).reshape(t, d)
 
     def step(fn):
         def run():
@@ -128,6 +131,7 @@ def measure(layers: dict, repeats: int, cpu_time: bool) -> dict:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--seq-len", type=int, default=128, help="tokens per row (max_len): the capacity group")
     parser.add_argument("--d-model", type=int, default=256)
     parser.add_argument("--d-ff", type=int, default=1024)
     parser.add_argument("--experts", type=int, default=8)
@@ -139,10 +143,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.quick:
         args.tokens, args.d_model, args.d_ff, args.repeats = 512, 64, 128, 3
+    if args.seq_len <= 0 or args.tokens % args.seq_len:
+        parser.error(f"--tokens {args.tokens} must be a positive multiple of --seq-len {args.seq_len}")
     layers = jax_layers(args)
     if not args.no_torch:
         layers.update(torch_layers(args))
-    print(f"backend {jax.default_backend()}, tokens {args.tokens}, d_model {args.d_model}, d_ff {args.d_ff}, "
+    print(f"backend {jax.default_backend()}, tokens {args.tokens} ({args.tokens // args.seq_len} rows of "
+          f"{args.seq_len}), d_model {args.d_model}, d_ff {args.d_ff}, "
           f"{args.experts} experts, top-{args.top_k}; dense d_ff {args.top_k * args.d_ff}; "
           f"{'cpu' if args.cpu_time else 'wall'} time, min of {args.repeats}")
     times = measure(layers, args.repeats, args.cpu_time)

@@ -1,13 +1,16 @@
 """MoE replication at toy scale: a dense decoder vs MoE decoders with the same active parameters per token.
 
     python experiments/moe_replication.py --out runs/moe_replication \
-        [--steps 200 --arms dense,4x1,8x1,16x1,8x2,16x2,8x2-noaux --config.KEY=VALUE]
+        [--steps 200 --arms dense,4x1,8x1,16x1,8x2,16x2,8x2-noaux --seeds 0,1 --config.KEY=VALUE]
 
 Arms (all from experiments/configs/moe.py, overrides apply to all; the tokenizer is fitted once and copied):
   dense       the dense FFN with d_ff = DENSE_FF (the config's top_k x d_ff, 256 by default)
   ExK         E experts, top-K noisy gating, each expert d_ff = DENSE_FF / K: the same active FFN parameters
   ExK-noaux   the same with every auxiliary loss coefficient set to 0 (balance ablation)
   ExK-switch  Switch routing (router "switch"; top-K probabilities as gates, balance + z loss)
+With several --seeds every arm is trained once per seed (train.seed: initialisation, batch order, router noise) in
+OUT/ARM-seedS, and its numbers are the mean over seeds, perplexity as mean ± half the range (min to max); with one
+seed (the default: the config's) an arm's workdir is OUT/ARM.
 Reports per arm: valid perplexity, total and active parameters, expert-usage balance on validation tokens (normalised
 entropy of each layer's expert shares, 1 = uniform, and the largest share), and a sample. Writes OUT/summary.json and
 OUT/moe_replication.png, and prints a table.
@@ -132,6 +135,64 @@ def plot(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def train_arm(name: str, arm: dict, cfg: config_lib.Config, workdir: Path, eval_batches: int,
+              shared: dict) -> dict:
+    """Returns one trained arm's record; shared carries the fitted tokenizer folder and the validation batches."""
+    if shared.get("tokenizer") is not None and not (workdir / "tokenizer").exists():
+        shutil.copytree(shared["tokenizer"], workdir / "tokenizer")  # same tokens for every arm
+    start = time.perf_counter()
+    print(f"== {workdir.name}: {cfg.train.steps} steps, ffn {cfg.model.ffn}, d_ff {cfg.model.d_ff}, "
+          f"seed {cfg.train.seed}", flush=True)
+    result = train.run(cfg, workdir, quiet=True)
+    shared["tokenizer"] = shared.get("tokenizer") or workdir / "tokenizer"
+    run = load_run(workdir)
+    if shared.get("batches") is None:
+        docs = pipeline.load_documents(run.config.data)
+        valid = pipeline.split_train_valid(docs, run.config.data.valid_fraction)[1]
+        shared["batches"] = pipeline.TokenStream.encode(run.tokenizer, valid).eval_batches(
+            eval_batches, batch_size=cfg.train.batch_size, length=cfg.model.max_len)
+    total, active = parameter_counts(run.params, run.config)
+    balance = routing_balance(run, shared["batches"]) if arm["experts"] else {}
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    last_train = [r for r in records if r["split"] == "train"][-1]
+    samples = (workdir / "samples.txt").read_text().strip().split("\n\n")
+    record = {"name": name, **arm, "d_ff": cfg.model.d_ff, "seed": cfg.train.seed, "valid_loss": result["loss"],
+              "valid_ppl": result["ppl"], "total_params": total, "active_params": active,
+              "train_aux_loss": last_train.get("aux_loss"), "tokens_per_s": result.get("tokens_per_s"),
+              "seconds": time.perf_counter() - start, "sample": samples[0], **balance}
+    print(f"   valid ppl {result['ppl']:.3f}, params {total:,} total / {active:,} active"
+          + (f", usage entropy {np.round(balance['usage_entropy'], 3).tolist()}" if balance else "")
+          + f", {record['seconds']:.0f}s", flush=True)
+    return record
+
+
+def combine_seeds(runs: list[dict]) -> dict:
+    """Returns one arm's record over its seeds: means, plus per-seed perplexities and half their range (spread)."""
+    first, ppl = runs[0], [r["valid_ppl"] for r in runs]
+    arm = {**first, "seeds": [r["seed"] for r in runs], "valid_ppl_seeds": ppl,
+           "valid_ppl": float(np.mean(ppl)), "valid_ppl_spread": (max(ppl) - min(ppl)) / 2,
+           "valid_loss": float(np.mean([r["valid_loss"] for r in runs])),
+           "seconds": sum(r["seconds"] for r in runs)}
+    arm.pop("seed")
+    for key in ("train_aux_loss", "tokens_per_s"):
+        values = [r[key] for r in runs if r[key] is not None]
+        arm[key] = float(np.mean(values)) if values else None
+    for key in ("usage_entropy", "max_share", "shares"):  # per layer (and expert): averaged over seeds
+        if key in first:
+            arm[key] = np.mean([r[key] for r in runs], axis=0).tolist()
+    return arm
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise SystemExit(f"--seeds: cannot read {text!r}; use comma-separated integers such as 0,1") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--seeds: give distinct integers such as 0,1, got {text!r}")
+    return seeds
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     overrides = [a for a in argv if a.startswith("--config.")]
@@ -139,6 +200,8 @@ def main(argv=None):
     parser.add_argument("--out", default="runs/moe_replication", help="output folder (one workdir per arm)")
     parser.add_argument("--steps", type=int, default=0, help="training steps per arm (0 = the config's)")
     parser.add_argument("--arms", default="dense,4x1,8x1,16x1,8x2,16x2,8x2-noaux,8x1-switch")
+    parser.add_argument("--seeds", default="", help="comma-separated train seeds per arm, e.g. 0,1 "
+                                                    "(default: the config's train.seed)")
     parser.add_argument("--config", default=str(CONFIG))
     parser.add_argument("--eval-batches", type=int, default=8, help="validation batches for routing balance")
     args = parser.parse_args([a for a in argv if not a.startswith("--config.")])
@@ -146,49 +209,36 @@ def main(argv=None):
     if args.steps:
         base.train.steps = args.steps
         base.train.eval_every = base.train.checkpoint_every = args.steps
+    seeds = parse_seeds(args.seeds) if args.seeds else [base.train.seed]
     dense_ff = base.model.d_ff * max(base.model.moe.top_k, 1) if base.model.ffn == "moe" else base.model.d_ff
     out = Path(args.out)
 
-    arms, shared_tokenizer, batches = [], None, None
+    arms, shared = [], {}
     for name in [a for a in args.arms.split(",") if a]:
         arm = parse_arm(name)
-        cfg = arm_config(base, arm, dense_ff)
-        workdir = out / name
-        if shared_tokenizer is not None and not (workdir / "tokenizer").exists():
-            shutil.copytree(shared_tokenizer, workdir / "tokenizer")  # same tokens for every arm
-        start = time.perf_counter()
-        print(f"== {name}: {cfg.train.steps} steps, ffn {cfg.model.ffn}, d_ff {cfg.model.d_ff}", flush=True)
-        result = train.run(cfg, workdir, quiet=True)
-        shared_tokenizer = shared_tokenizer or workdir / "tokenizer"
-        run = load_run(workdir)
-        if batches is None:
-            docs = pipeline.load_documents(run.config.data)
-            stream = pipeline.TokenStream.encode(run.tokenizer, pipeline.split_train_valid(docs, run.config.data.valid_fraction)[1])
-            batches = stream.eval_batches(args.eval_batches, batch_size=cfg.train.batch_size, length=cfg.model.max_len)
-        total, active = parameter_counts(run.params, run.config)
-        balance = routing_balance(run, batches) if arm["experts"] else {}
-        records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-        last_train = [r for r in records if r["split"] == "train"][-1]
-        samples = (workdir / "samples.txt").read_text().strip().split("\n\n")
-        arms.append({"name": name, **arm, "d_ff": cfg.model.d_ff, "valid_loss": result["loss"],
-                     "valid_ppl": result["ppl"], "total_params": total, "active_params": active,
-                     "train_aux_loss": last_train.get("aux_loss"), "tokens_per_s": result.get("tokens_per_s"),
-                     "seconds": time.perf_counter() - start, "sample": samples[0], **balance})
-        print(f"   valid ppl {result['ppl']:.3f}, params {total:,} total / {active:,} active"
-              + (f", usage entropy {np.round(balance['usage_entropy'], 3).tolist()}" if balance else "")
-              + f", {arms[-1]['seconds']:.0f}s", flush=True)
+        runs = []
+        for seed in seeds:
+            cfg = arm_config(base, arm, dense_ff)
+            cfg.train.seed = seed
+            workdir = out / name if len(seeds) == 1 else out / f"{name}-seed{seed}"
+            runs.append(train_arm(name, arm, cfg, workdir, args.eval_batches, shared))
+        arms.append(combine_seeds(runs))
 
-    summary = {"config": base.to_dict(), "dense_d_ff": dense_ff, "arms": arms}
+    summary = {"config": base.to_dict(), "dense_d_ff": dense_ff, "seeds": seeds, "arms": arms}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot(summary, out / "moe_replication.png")
     dense = next((a for a in arms if a["experts"] == 0), arms[0])
-    print(f"\n{'arm':>11s} {'valid ppl':>9s} {'vs dense':>8s} {'total':>9s} {'active':>9s} {'entropy':>7s} "
-          f"{'max share':>9s} {'tok/s':>7s}")
+    spread = len(seeds) > 1
+    print(f"\n{'arm':>11s} {'valid ppl':>9s}{' ± spread' if spread else ''} {'vs dense':>8s} {'total':>9s} "
+          f"{'active':>9s} {'entropy':>7s} {'max share':>9s} {'tok/s':>7s}"
+          + (f"   (mean over seeds {','.join(map(str, seeds))}; spread = half the range)" if spread else ""))
     for a in arms:
         entropy = f"{np.mean(a['usage_entropy']):7.3f}" if a["experts"] else "      -"
         share = f"{np.max(a['max_share']):9.3f}" if a["experts"] else "        -"
-        print(f"{a['name']:>11s} {a['valid_ppl']:9.3f} {a['valid_ppl'] / dense['valid_ppl'] - 1:+8.1%} "
-              f"{a['total_params']:9,d} {a['active_params']:9,d} {entropy} {share} {a['tokens_per_s'] or 0:7.0f}")
+        plus_minus = f" ± {a['valid_ppl_spread']:6.3f}" if spread else ""
+        print(f"{a['name']:>11s} {a['valid_ppl']:9.3f}{plus_minus} "
+              f"{a['valid_ppl'] / dense['valid_ppl'] - 1:+8.1%} {a['total_params']:9,d} {a['active_params']:9,d} "
+              f"{entropy} {share} {a['tokens_per_s'] or 0:7.0f}")
     print(f"wrote {out / 'summary.json'} and {out / 'moe_replication.png'}")
 
 

@@ -22,38 +22,68 @@ def random_experts(key, n_experts, d_model, d_ff):
                            jax.random.normal(k4, (n_experts, d_model)) * 0.1)
 
 
-def brute_force_keep(expert_index, n_experts, capacity):
-    """First choices of all tokens in order, then second choices, ...; an expert takes at most `capacity`."""
+def brute_force_slots(expert_index, n_experts, counts_before=None):
+    """The causal rule by loops: per row, positions in order, a token's choices in order; slot = expert's count so far."""
     expert_index = np.asarray(expert_index)
-    used, keep = [0] * n_experts, np.zeros(expert_index.shape, bool)
-    for j in range(expert_index.shape[1]):
-        for t in range(expert_index.shape[0]):
-            e = expert_index[t, j]
+    batch, length, top_k = expert_index.shape
+    used = np.zeros((batch, n_experts), int) if counts_before is None else np.array(counts_before, int)
+    slot = np.zeros(expert_index.shape, int)
+    for b in range(batch):
+        for t in range(length):
+            for j in range(top_k):
+                e = expert_index[b, t, j]
+                slot[b, t, j] = used[b, e]
+                used[b, e] += 1
+    return slot, used
+
+
+def brute_force_keep(expert_index, n_experts, capacity):
+    return brute_force_slots(expert_index, n_experts)[0] < capacity
+
+
+def brute_force_keep_gshard(expert_index, n_experts, capacity):
+    """GShard order by loops: first choices of all tokens of all rows in order, then second choices, ..."""
+    flat = np.asarray(expert_index).reshape(-1, np.shape(expert_index)[-1])
+    used, keep = [0] * n_experts, np.zeros(flat.shape, bool)
+    for j in range(flat.shape[1]):
+        for t in range(flat.shape[0]):
+            e = flat[t, j]
             keep[t, j] = used[e] < capacity
             used[e] += 1
-    return keep
+    return keep.reshape(np.shape(expert_index))
 
 
-def moe_cfg(**moe):
-    return ModelConfig(d_model=8, d_ff=12, moe=MoEConfig(**moe))
+def crowded_expert_index(rng, batch, length, n_experts, top_k):
+    expert_index = np.stack([rng.permutation(n_experts)[:top_k] for _ in range(batch * length)])
+    expert_index = expert_index.reshape(batch, length, top_k)
+    expert_index[:, : length // 2, 0] = 0  # crowd one expert
+    return expert_index
 
 
+def moe_cfg(max_len=128, **moe):
+    return ModelConfig(d_model=8, d_ff=12, max_len=max_len, moe=MoEConfig(**moe))
+
+
+@pytest.mark.parametrize("priority", ["causal", "gshard"])
 @pytest.mark.parametrize("capacity_factor", [0.0, 0.6])
-def test_dispatch_forms_agree_in_values_and_gradients(capacity_factor):
-    n_tokens, n_experts, top_k = 150, 5, 2
+def test_dispatch_forms_agree_in_values_and_gradients(capacity_factor, priority):
+    batch, length, n_experts, top_k = 3, 50, 5, 2
     k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
-    x = jax.random.normal(k1, (n_tokens, 8))
+    x = jax.random.normal(k1, (batch, length, 8))
     experts = random_experts(k2, n_experts, 8, 12)
-    logits = jax.random.normal(k3, (n_tokens, n_experts))
-    capacity = M.expert_capacity(n_tokens, n_experts, top_k, capacity_factor)
+    logits = jax.random.normal(k3, (batch * length, n_experts))
+    # GShard's queue spans the batch, so its einsum form takes the batch as one group.
+    groups = batch if priority == "causal" else 1
+    capacity = M.expert_capacity(batch * length // groups, n_experts, top_k, capacity_factor)
 
     def layer(x, experts, logits, form):
         routing = M.noisy_top_k_routing(logits, top_k=top_k)
-        slot, keep = M.assign_slots(routing.expert_index, n_experts, capacity)
-        gate = jnp.where(keep, routing.gate, 0.0)
+        expert_index = routing.expert_index.reshape(groups, -1, top_k)
+        slot, keep = M.assign_slots(expert_index, n_experts, capacity, priority=priority)
+        gate = jnp.where(keep, routing.gate.reshape(expert_index.shape), 0.0)
         if form == "einsum":
-            return M.einsum_dispatch(x, routing.expert_index, gate, slot, experts, capacity)
-        return M.sort_dispatch(x, routing.expert_index, gate, experts, grouped=form)
+            return M.einsum_dispatch(x.reshape(groups, -1, 8), expert_index, gate, slot, experts, capacity).reshape(-1, 8)
+        return M.sort_dispatch(x.reshape(-1, 8), routing.expert_index, gate.reshape(-1, top_k), experts, grouped=form)
 
     @jax.jit
     def values_and_grads():
@@ -66,6 +96,8 @@ def test_dispatch_forms_agree_in_values_and_gradients(capacity_factor):
     out = values_and_grads()
     reference, reference_grads = out["einsum"]
     assert float(jnp.abs(reference).max()) > 0.1
+    dropped = np.all(np.asarray(reference) == 0, axis=-1).mean()  # tokens whose every choice was dropped
+    assert (dropped > 0) == (capacity_factor > 0)
     for form in ("loop", "ragged"):
         np.testing.assert_allclose(out[form][0], reference, atol=2e-5)
         for got, want in zip(jax.tree.leaves(out[form][1]), jax.tree.leaves(reference_grads)):
@@ -100,20 +132,46 @@ def test_one_expert_without_noise_is_the_dense_ffn(router, dispatch):
         np.testing.assert_allclose(got, want, atol=1e-4)
 
 
-def test_capacity_drops_exactly_the_overflow_assignments():
+def test_capacity_drops_exactly_the_overflow_assignments_in_causal_order_per_row():
     rng = np.random.default_rng(0)
-    for n_tokens, n_experts, top_k, capacity in [(40, 4, 1, 7), (64, 6, 2, 9), (33, 3, 3, 30)]:
-        expert_index = np.stack([rng.permutation(n_experts)[:top_k] for _ in range(n_tokens)])
-        expert_index[: n_tokens // 2, 0] = 0  # crowd one expert
+    for batch, length, n_experts, top_k, capacity in [(3, 40, 4, 1, 7), (2, 64, 6, 2, 9), (1, 33, 3, 3, 30)]:
+        expert_index = crowded_expert_index(rng, batch, length, n_experts, top_k)
         slot, keep = M.assign_slots(jnp.asarray(expert_index), n_experts, capacity)
-        want = brute_force_keep(expert_index, n_experts, capacity)
-        np.testing.assert_array_equal(keep, want)
-        assert not want.all()
+        want_slot, _ = brute_force_slots(expert_index, n_experts)
+        np.testing.assert_array_equal(slot, want_slot)
+        np.testing.assert_array_equal(keep, want_slot < capacity)
+        assert not keep.all()
+
+
+def test_gshard_priority_is_kept_as_an_explicit_option():
+    rng = np.random.default_rng(1)
+    expert_index = crowded_expert_index(rng, 3, 20, 4, 2)
+    slot, keep = M.assign_slots(jnp.asarray(expert_index), 4, 12, priority="gshard")
+    want = brute_force_keep_gshard(expert_index, 4, 12)
+    np.testing.assert_array_equal(keep, want)
+    assert not np.array_equal(want, brute_force_keep(expert_index, 4, 12))  # the orders really differ here
+    with pytest.raises(ValueError, match="priority"):
+        M.assign_slots(jnp.asarray(expert_index), 4, 12, priority="random")
+
+
+def test_causal_slots_carried_step_by_step_equal_the_whole_sequence():
+    rng = np.random.default_rng(2)
+    batch, length, n_experts, top_k = 3, 17, 5, 2
+    expert_index = crowded_expert_index(rng, batch, length, n_experts, top_k)
+    want_slot, want_counts = brute_force_slots(expert_index, n_experts)
+    step = jax.jit(M.causal_slots)
+    for chunk in (1, 4):  # one token per step (a KV-cache decoder), and a prompt fed in chunks
+        counts, slots = jnp.zeros((batch, n_experts), jnp.int32), []
+        for start in range(0, length, chunk):
+            slot, counts = step(jnp.asarray(expert_index[:, start : start + chunk]), counts)
+            slots.append(slot)
+        np.testing.assert_array_equal(np.concatenate(slots, axis=1), want_slot)
+        np.testing.assert_array_equal(counts, want_counts)
 
 
 @pytest.mark.parametrize("dispatch", ["einsum", "sort"])
 def test_switch_layer_outputs_zero_for_dropped_tokens_and_the_gated_expert_otherwise(dispatch):
-    module = M.MoE(moe_cfg(n_experts=4, top_k=1, router="switch", capacity_factor=0.5, dispatch=dispatch))
+    module = M.MoE(moe_cfg(max_len=16, n_experts=4, top_k=1, router="switch", capacity_factor=0.5, dispatch=dispatch))
     x = jax.random.normal(jax.random.key(0), (2, 16, 8))
     params = module.init(jax.random.key(1), x)["params"]
     params["router"] = params["router"] * 100  # confident, skewed routing so that some expert overflows
@@ -124,7 +182,7 @@ def test_switch_layer_outputs_zero_for_dropped_tokens_and_the_gated_expert_other
     probs = np.exp(logits - logits.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
     choice = probs.argmax(-1)
-    keep = brute_force_keep(choice[:, None], 4, capacity=math.ceil(0.5 * 32 / 4))[:, 0]
+    keep = brute_force_keep(choice.reshape(2, 16, 1), 4, capacity=math.ceil(0.5 * 16 / 4)).reshape(32)  # per row
     assert 0 < keep.sum() < 32
     for t in range(32):
         e = choice[t]
@@ -213,6 +271,12 @@ def test_bad_config_names_the_key(moe, match):
     module = M.MoE(moe_cfg(n_experts=4, **moe))
     with pytest.raises(ValueError, match=match):
         module.init(jax.random.key(0), jnp.zeros((1, 3, 8)))
+
+
+def test_input_longer_than_max_len_is_refused():
+    module = M.MoE(moe_cfg(max_len=6, n_experts=4))
+    with pytest.raises(ValueError, match="model.max_len=6"):
+        module.init(jax.random.key(0), jnp.zeros((1, 7, 8)))
 
 
 def test_moe_decoder_trains_end_to_end(tmp_path):

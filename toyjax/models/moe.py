@@ -1,17 +1,31 @@
 """Mixture-of-experts feed-forward layers: noisy top-k gating (Shazeer et al. 2017) and Switch routing (Fedus et al.
 2021), with two dispatch forms that compute the same function.
 
-    router (float32)  →  top-k experts and gates per token  →  capacity: slots taken in priority order (every token's
-    first choice before any second choice, earlier tokens first); a token over capacity gets gate 0, so the layer
-    outputs 0 for it and the residual stream carries it past  →  each expert is Dense→GELU→Dense  →  gate-weighted sum.
+    router (float32)  →  top-k experts and gates per token  →  capacity: each sequence fills its experts' slots in
+    position order; a token over capacity gets gate 0, so the layer outputs 0 for it and the residual stream carries
+    it past  →  each expert is Dense→GELU→Dense  →  gate-weighted sum.
+
+Capacity is causal: the capacity group is one sequence (row), and a token's fate depends only on the earlier tokens
+of its own row, never on later tokens or on other rows of the batch. Precisely, the j-th choice of the token at
+position t in row b takes
+    slot = number of earlier assignments to that expert in row b
+           (all choices of positions < t, then choices < j of position t),
+and is kept iff slot < capacity, with capacity = expert_capacity(cfg.max_len, n_experts, top_k, capacity_factor)
+(`sequence_capacity`): fixed by the context length, not by the input's length, so appending tokens never changes
+an earlier token's fate and a step-by-step (KV-cache) decoder can reproduce the full forward by carrying each row's
+per-expert counts from step to step (`causal_slots`). capacity_factor 0 is dropless (capacity = max_len).
+The GShard / Switch training order (one queue per expert over the whole batch, every token's first choice before
+any second choice) leaks later tokens and other rows into a token's output; it stays available only as
+`assign_slots(..., priority="gshard")` for reproducing those papers' setups, and the layer never uses it.
 
 Dispatch forms (same gates, same capacity rule, same result up to float rounding):
-  "einsum": one-hot dispatch/combine tensors [tokens, experts, capacity] (GShard); static shapes, the TPU form.
-            It costs O(tokens·experts·capacity·d_model) on top of the experts, so it is slow on CPU.
+  "einsum": one-hot dispatch/combine tensors [batch, length, experts, capacity] (GShard, one group per row); static
+            shapes, the TPU form. It costs O(tokens·experts·capacity·d_model) on top of the experts.
   "sort":   assignments sorted by expert so that each expert owns a contiguous slice of rows, then a grouped matmul.
             On GPU/TPU the grouped matmul is `jax.lax.ragged_dot`; on CPU (jax 0.10.2) ragged_dot is lowered as a
             dense masked matmul over every expert (≈ n_experts× the work, measured 9× slower), so there it is a loop
-            over each expert's row blocks with a hand-written VJP (`grouped_matmul`).
+            over each expert's row blocks with a hand-written VJP (`grouped_matmul`). Dropped assignments are
+            computed and weighted by 0 (no data-dependent shapes).
   "auto":   "sort" (measured faster on CPU, see bench/moe.py; ragged_dot is the native form on GPU), "einsum" on TPU.
 
 Expert weights carry a leading expert axis ([experts, d_model, d_ff]) so they can be sharded over a mesh axis.
@@ -93,7 +107,11 @@ def switch_routing(logits, *, top_k: int = 1) -> Routing:
 
 
 def expert_capacity(n_tokens: int, n_experts: int, top_k: int, capacity_factor: float) -> int:
-    """Returns the slots per expert: ceil(factor·tokens·k/experts), or every token (dropless) when factor is 0."""
+    """Returns the slots per expert for a group of n_tokens: ceil(factor·tokens·k/experts), or n_tokens when factor is 0.
+
+    The layer's group is one sequence of cfg.max_len tokens (`sequence_capacity`); n_tokens slots are always enough
+    because a token's k choices go to k different experts (dropless).
+    """
     if capacity_factor < 0:
         raise ValueError(f"model.moe.capacity_factor must be >= 0 (0 = dropless), got {capacity_factor}")
     if capacity_factor == 0:
@@ -101,14 +119,51 @@ def expert_capacity(n_tokens: int, n_experts: int, top_k: int, capacity_factor: 
     return max(1, min(n_tokens, math.ceil(capacity_factor * n_tokens * top_k / n_experts)))
 
 
-def assign_slots(expert_index, n_experts: int, capacity: int):
-    """Returns (slot [tokens, k] int32, keep [tokens, k] bool): each assignment's position in its expert's queue.
+def sequence_capacity(cfg: ModelConfig) -> int:
+    """Returns the slots per expert in each sequence: expert_capacity(cfg.max_len, ...), whatever the input length."""
+    return expert_capacity(cfg.max_len, cfg.moe.n_experts, cfg.moe.top_k, cfg.moe.capacity_factor)
 
-    Priority: all first choices in token order, then all second choices, ... (GShard / Switch). keep is slot < capacity.
+
+def causal_slots(expert_index, counts_before):
+    """Returns (slot [batch, length, k] int32, counts_after [batch, experts] int32) in causal order, per row.
+
+    expert_index: [batch, length, k]; counts_before: [batch, experts] int, each row's assignments per expert before
+    the first position of expert_index (zeros for a whole sequence). The j-th choice at position t takes slot =
+    counts_before + assignments to that expert at positions < t + choices < j at t; counts_after adds this chunk's
+    assignments. A step-by-step decoder carries counts_after to the next step and keeps slot < sequence_capacity(cfg),
+    which reproduces the full forward exactly.
     """
-    tokens, k = expert_index.shape
-    one_hot = jax.nn.one_hot(expert_index.T.reshape(-1), n_experts, dtype=jnp.int32)  # [k·tokens, experts]
-    slot = jnp.sum((jnp.cumsum(one_hot, axis=0) - 1) * one_hot, axis=-1).reshape(k, tokens).T
+    batch, length, top_k = expert_index.shape
+    n_experts = counts_before.shape[-1]
+    counts_before = counts_before.astype(jnp.int32)
+    # Flattening [length, k] row-major lists each token's k choices before the next token's: the causal order.
+    one_hot = jax.nn.one_hot(expert_index.reshape(batch, length * top_k), n_experts, dtype=jnp.int32)
+    earlier = jnp.cumsum(one_hot, axis=1) - one_hot + counts_before[:, None, :]  # [batch, length·k, experts]
+    slot = jnp.sum(earlier * one_hot, axis=-1).reshape(batch, length, top_k)
+    return slot, counts_before + jnp.sum(one_hot, axis=1)
+
+
+def assign_slots(expert_index, n_experts: int, capacity: int, *, priority: str = "causal"):
+    """Returns (slot, keep), both [batch, length, k] (int32, bool): each assignment's place in its expert's queue.
+
+    expert_index: [batch, length, k]; keep is slot < capacity.
+    priority="causal" (the default, and the only order the layer uses): one queue per expert and row, filled in
+    position order with a token's k choices before the next token's (`causal_slots` from zero counts).
+    priority="gshard": one queue per expert over the whole batch: every token's first choice (rows, then positions,
+    in order), then every second choice, ... (GShard / Switch training order). NOT causal: a token's fate depends on
+    later tokens and on the other rows. Only for reproducing those setups; give it capacity for batch·length tokens,
+    and pass the batch as one group ([1, batch·length, ...]) to einsum_dispatch.
+    """
+    batch, length, top_k = expert_index.shape
+    if priority == "causal":
+        slot, _ = causal_slots(expert_index, jnp.zeros((batch, n_experts), jnp.int32))
+    elif priority == "gshard":
+        by_choice = expert_index.reshape(batch * length, top_k).T.reshape(-1)  # all first choices, then second, ...
+        one_hot = jax.nn.one_hot(by_choice, n_experts, dtype=jnp.int32)  # [k·tokens, experts]
+        slot = jnp.sum((jnp.cumsum(one_hot, axis=0) - 1) * one_hot, axis=-1)
+        slot = slot.reshape(top_k, batch * length).T.reshape(batch, length, top_k)
+    else:
+        raise ValueError(f"assign_slots: priority must be 'causal' or 'gshard', got {priority!r}")
     return slot, slot < capacity
 
 
@@ -123,17 +178,21 @@ class ExpertWeights(NamedTuple):
 
 
 def einsum_dispatch(x, expert_index, combine_gate, slot, experts: ExpertWeights, capacity: int):
-    """Returns y [tokens, d_model] through one-hot dispatch/combine tensors [tokens, experts, capacity]."""
+    """Returns y [groups, length, d_model] through one-hot dispatch/combine tensors [groups, length, experts, capacity].
+
+    x: [groups, length, d_model]; expert_index, combine_gate, slot: [groups, length, k]. Each group (a row of the
+    batch) has its own `capacity` slots per expert, so no group's tokens can displace another's.
+    """
     n_experts = experts.w_up.shape[0]
     in_capacity = (slot < capacity).astype(x.dtype)
-    expert_hot = jax.nn.one_hot(expert_index, n_experts, dtype=x.dtype)  # [t, k, e]
-    slot_hot = jax.nn.one_hot(slot, capacity, dtype=x.dtype) * in_capacity[..., None]  # [t, k, c]
-    dispatch = jnp.einsum("tke,tkc->tec", expert_hot, slot_hot)
-    combine = jnp.einsum("tke,tkc,tk->tec", expert_hot, slot_hot, combine_gate.astype(x.dtype))
-    expert_in = jnp.einsum("tec,td->ecd", dispatch, x)
-    h = nn.gelu(jnp.einsum("ecd,edf->ecf", expert_in, experts.w_up) + experts.b_up[:, None])
-    out = jnp.einsum("ecf,efd->ecd", h, experts.w_down) + experts.b_down[:, None]
-    return jnp.einsum("tec,ecd->td", combine, out)
+    expert_hot = jax.nn.one_hot(expert_index, n_experts, dtype=x.dtype)  # [g, l, k, e]
+    slot_hot = jax.nn.one_hot(slot, capacity, dtype=x.dtype) * in_capacity[..., None]  # [g, l, k, c]
+    dispatch = jnp.einsum("glke,glkc->glec", expert_hot, slot_hot)
+    combine = jnp.einsum("glke,glkc,glk->glec", expert_hot, slot_hot, combine_gate.astype(x.dtype))
+    expert_in = jnp.einsum("glec,gld->gecd", dispatch, x)
+    h = nn.gelu(jnp.einsum("gecd,edf->gecf", expert_in, experts.w_up) + experts.b_up[:, None])
+    out = jnp.einsum("gecf,efd->gecd", h, experts.w_down) + experts.b_down[:, None]
+    return jnp.einsum("glec,gecd->gld", combine, out)
 
 
 _BIG_BLOCK, _SMALL_BLOCK = 256, 32  # rows per matmul on CPU; a group's tail runs in small blocks (less waste)
@@ -321,6 +380,8 @@ class MoE(nn.Module):
             raise ValueError(f"model.moe.top_k={moe.top_k} must be between 1 and model.moe.n_experts={moe.n_experts}")
         dtype = jnp.dtype(cfg.dtype)
         batch, length, d_model = x.shape
+        if length > cfg.max_len:  # capacity is fixed per sequence of up to max_len tokens
+            raise ValueError(f"MoE input length {length} exceeds model.max_len={cfg.max_len}")
         tokens = x.reshape(-1, d_model)
         router_in = tokens.astype(jnp.float32)  # the router runs in float32 whatever the compute dtype
         router_init = nn.initializers.normal(0.02)
@@ -338,9 +399,10 @@ class MoE(nn.Module):
             routing = switch_routing(logits, top_k=moe.top_k)
             weights = {"balance": moe.balance_coef, "z": moe.z_loss_coef}
 
-        capacity = expert_capacity(tokens.shape[0], moe.n_experts, moe.top_k, moe.capacity_factor)
-        slot, keep = assign_slots(routing.expert_index, moe.n_experts, capacity)
-        combine_gate = jnp.where(keep, routing.gate, 0.0)
+        expert_index = routing.expert_index.reshape(batch, length, moe.top_k)
+        capacity = sequence_capacity(cfg)
+        slot, keep = assign_slots(expert_index, moe.n_experts, capacity)  # causal, per row
+        combine_gate = jnp.where(keep, routing.gate.reshape(batch, length, moe.top_k), 0.0)
 
         expert_init = nn.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,))
         params = ExpertWeights(
@@ -350,16 +412,17 @@ class MoE(nn.Module):
             self.param("b_down", nn.initializers.zeros, (moe.n_experts, d_model)))
         params = ExpertWeights(*(p.astype(dtype) for p in params))
         if resolve_dispatch(moe.dispatch) == "einsum":
-            y = einsum_dispatch(tokens.astype(dtype), routing.expert_index, combine_gate, slot, params, capacity)
+            y = einsum_dispatch(x.astype(dtype), expert_index, combine_gate, slot, params, capacity)
         else:
-            y = sort_dispatch(tokens.astype(dtype), routing.expert_index, combine_gate, params)
+            y = sort_dispatch(tokens.astype(dtype), routing.expert_index, combine_gate.reshape(-1, moe.top_k), params)
 
         for name, value in routing.losses.items():
             self.sow("metrics", f"moe_{name}_loss", value)
             if weights[name]:
                 self.sow("aux_loss", f"moe_{name}", weights[name] * value)
-        for name, value in usage_stats(routing.expert_index, keep, routing.probs, moe.n_experts).items():
+        for name, value in usage_stats(routing.expert_index, keep.reshape(-1, moe.top_k), routing.probs,
+                                       moe.n_experts).items():
             self.sow("metrics", f"moe_{name}", value)
-        self.sow("intermediates", "expert_index", routing.expert_index.reshape(batch, length, moe.top_k))
-        self.sow("intermediates", "expert_gate", combine_gate.reshape(batch, length, moe.top_k))
+        self.sow("intermediates", "expert_index", expert_index)
+        self.sow("intermediates", "expert_gate", combine_gate)
         return y.reshape(batch, length, d_model).astype(dtype)
