@@ -3,7 +3,7 @@
 Every module is parsed (not imported) with ast, so imports inside functions and `importlib.import_module("...")`
 with a literal name count as much as top-level ones. An edge A -> B means running A can import B:
 `import B`, `from B import x` (-> B.x when that is a module, else B), a relative import, or a literal
-import_module / __import__ call. Importing `a.b.c` also runs the packages `a` and `a.b`; those implicit edges
+import_module / __import__ call. Imports under `if TYPE_CHECKING:` never run and are left out. Importing `a.b.c` also runs the packages `a` and `a.b`; those implicit edges
 count too, except to the importer's own enclosing packages (a package's __init__ importing its submodules, which
 import their siblings, is the usual layout, not a circle).
 """
@@ -18,10 +18,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Known circles, by the edge that closes them. Each entry is an expected failure: the strict test below fails
-# once the circle is gone, so the entry is removed then. Nothing else may be added here.
-
-
 def module_names(root: Path, package: str) -> dict[str, Path]:
     """Returns {dotted module name: file} for every .py file of a package folder (`pkg/__init__.py` is `pkg`)."""
     names = {}
@@ -33,11 +29,23 @@ def module_names(root: Path, package: str) -> dict[str, Path]:
     return names
 
 
+def runtime_nodes(tree: ast.AST):
+    """Yields every node of tree except those inside `if TYPE_CHECKING:` blocks (annotations only, never run)."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            todo.extend(node.orelse)
+            continue
+        todo.extend(ast.iter_child_nodes(node))
+
+
 def imported_names(tree: ast.AST, module: str, is_package: bool) -> set[str]:
     """Returns the dotted names a module's code can import, at any depth (absolute; `from X import y` gives X.y and X)."""
     out = set()
     package_parts = module.split(".") if is_package else module.split(".")[:-1]
-    for node in ast.walk(tree):
+    for node in runtime_nodes(tree):
         if isinstance(node, ast.Import):
             out.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):

@@ -35,15 +35,17 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.scipy.special import ndtr
 
-from toyjax.config import ModelConfig
 from toyjax.models.registry import register_ffn
+
+if TYPE_CHECKING:  # annotations only: config validates ffn names against the registry, so no import back
+    from toyjax.config import ModelConfig
 
 # -- routing ------------------------------------------------------------------------------------------------------
 

@@ -36,16 +36,7 @@ def register_ffn(name: str):
 
 
 def _lookup(table: dict, name: str, what: str):
-    # Importing the modules that register kinds fills the tables; done lazily to keep import order free.
-    import importlib
-
-    for module in ("attention", "ffn", "moe"):
-        try:
-            importlib.import_module(f"toyjax.models.{module}")
-        except ModuleNotFoundError as err:
-            if err.name != f"toyjax.models.{module}":
-                raise
-
+    # The built-in kinds register themselves when the toyjax.models package is imported (its __init__).
     if name not in table:
         raise ValueError(f"unknown {what} '{name}'; registered: {', '.join(sorted(table))}")
     return table[name]
