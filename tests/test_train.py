@@ -165,3 +165,14 @@ def test_cross_entropy_matches_float64_reference():
     subset = np.log(np.where(mask, np.exp(x), 0).sum(-1)) - np.take_along_axis(x, targets[..., None], -1)[..., 0]
     np.testing.assert_allclose(train.cross_entropy(logits, targets), full, rtol=1e-5)
     np.testing.assert_allclose(train.cross_entropy(logits, targets, mask), subset, rtol=1e-5)
+
+
+def test_first_max_index_is_numpy_argmax_with_ties_and_infinities():
+    from toyjax.train import first_max_index
+
+    rng = np.random.default_rng(0)
+    logits = rng.integers(-3, 3, size=(64, 17)).astype(np.float32)  # small integers: many tied maxima
+    logits[0] = -np.inf
+    logits[1, 5] = np.inf
+    logits[2, :] = 0.0
+    np.testing.assert_array_equal(np.asarray(first_max_index(jax.numpy.asarray(logits))), np.argmax(logits, axis=-1))

@@ -44,6 +44,13 @@ def cross_entropy(logits, targets, valid_mask=None):
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
 
 
+def first_max_index(logits):
+    """Returns argmax(logits, -1) (the first index on ties), as a max then an int min instead of argmax's
+    (value, index) reduce, which XLA:CPU does not vectorise: half the loss's time at vocab 4096."""
+    row_max = jnp.max(logits, axis=-1, keepdims=True)
+    return jnp.min(jnp.where(logits == row_max, jnp.arange(logits.shape[-1]), logits.shape[-1]), axis=-1)
+
+
 def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
     return optax.warmup_cosine_decay_schedule(
         0.0, cfg.learning_rate, max(cfg.warmup_steps, 1), max(cfg.steps, cfg.warmup_steps + 1),
@@ -81,7 +88,7 @@ def make_loss_fn(model: Decoder, cfg: Config, grammar=None) -> Callable:
                                    deterministic=False, rngs=rngs, mutable=["aux_loss", "metrics"])
         nll = cross_entropy(logits, batch["targets"], valid_mask if use_valid_subset else None)
         aux = sum(jnp.sum(x) for x in jax.tree.leaves(side.get("aux_loss", {})))
-        metrics = {"loss": nll.mean(), "accuracy": (logits.argmax(-1) == batch["targets"]).mean(),
+        metrics = {"loss": nll.mean(), "accuracy": (first_max_index(logits) == batch["targets"]).mean(),
                    "aux_loss": jnp.asarray(aux, jnp.float32)}
         metrics.update(_flat_metrics(side.get("metrics", {})))
         return nll.mean() + aux, metrics
