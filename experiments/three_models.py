@@ -116,15 +116,13 @@ def check_shared_tokenizer(runs: dict) -> None:
 # -- findings (pure functions of the comparison) ---------------------------------------------------------------
 
 
-def binomial_se(accuracy: float, n: int) -> float:
-    """Returns the binomial standard error sqrt(p (1 - p) / n) of an accuracy over n probes (nan for n = 0)."""
-    return math.sqrt(accuracy * (1 - accuracy) / n) if n else math.nan
+def binomial_se(accuracy: float | None, n: int) -> float | None:
+    """Returns the binomial standard error sqrt(p (1 - p) / n) of an accuracy over n probes (None for n = 0)."""
+    return math.sqrt(accuracy * (1 - accuracy) / n) if n else None
 
 
 def gap_se(correct_a: int, n_a: int, correct_b: int, n_b: int) -> float:
-    """Returns the pooled two-proportion standard error of an accuracy difference (nan if either n is 0)."""
-    if not n_a or not n_b:
-        return math.nan
+    """Returns the pooled two-proportion standard error of the difference of two accuracies (n_a, n_b > 0)."""
     pooled = (correct_a + correct_b) / (n_a + n_b)
     return math.sqrt(pooled * (1 - pooled) * (1 / n_a + 1 / n_b))
 
@@ -139,28 +137,33 @@ def family_stats(results: dict) -> dict[str, dict[str, dict]]:
         for name in names:
             scored = [p["results"][name] for p in rows if p["results"][name]["expressible"]]
             correct = sum(r["correct"] for r in scored)
-            accuracy = correct / len(scored) if scored else math.nan
+            accuracy = correct / len(scored) if scored else None
             stats[family][name] = {
                 "n": len(rows), "expressible": len(scored), "correct": correct, "accuracy": accuracy,
                 "se": binomial_se(accuracy, len(scored)),
-                "mean_margin_bits": sum(r["margin_bits"] for r in scored) / len(scored) if scored else math.nan}
+                "mean_margin_bits": sum(r["margin_bits"] for r in scored) / len(scored) if scored else None}
     return stats
 
 
 def separations(stats: dict[str, dict[str, dict]]) -> dict[str, dict]:
-    """Returns per family {separates, pairs: [{better, worse, gap, se, ratio, separates}]}, largest ratio first."""
+    """Returns per family {separates, pairs: [{better, worse, gap, se, ratio, separates}]}, largest ratio first.
+
+    A pair where either model can express none of the family's probes is left out.
+    """
     out = {}
     for family, by_model in stats.items():
         pairs = []
         for a, b in itertools.combinations(by_model, 2):
             sa, sb = by_model[a], by_model[b]
+            if not sa["expressible"] or not sb["expressible"]:
+                continue
             better, worse = (a, b) if sa["accuracy"] >= sb["accuracy"] else (b, a)
             gap = abs(sa["accuracy"] - sb["accuracy"])
             se = gap_se(sa["correct"], sa["expressible"], sb["correct"], sb["expressible"])
-            ratio = gap / se if se > 0 else (math.inf if gap > 0 else 0.0)
+            ratio = gap / se if se > 0 else 0.0  # se = 0 only when both are at 0 % or both at 100 %
             pairs.append({"better": better, "worse": worse, "gap": gap, "se": se, "ratio": ratio,
                           "separates": bool(ratio > SEPARATION_SE)})
-        pairs.sort(key=lambda p: -p["ratio"] if not math.isnan(p["ratio"]) else 0.0)
+        pairs.sort(key=lambda p: -p["ratio"])
         out[family] = {"separates": any(p["separates"] for p in pairs), "pairs": pairs}
     return out
 
@@ -224,6 +227,10 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
 def _snippet(words: list[str], index: int, before: int = 10, after: int = 3) -> str:
     start = max(index - before, 0)
     text = " ".join(words[start:index]) + f" **{words[index]}** " + " ".join(words[index + 1:index + 1 + after])
@@ -248,7 +255,7 @@ def render_findings(results: dict) -> str:
             "accuracy ± binomial standard error over the expressible probes (correct / expressible of n); "
             "chance is 1 / number of candidates.", ""]
     out += _table(["family"] + names + ["expressible share"],
-                  [[family] + [f"{s[n]['accuracy']:.4f} ± {s[n]['se']:.4f} ({s[n]['correct']}/{s[n]['expressible']}"
+                  [[family] + [f"{_number(s[n]['accuracy'])} ± {_number(s[n]['se'])} ({s[n]['correct']}/{s[n]['expressible']}"
                                f" of {s[n]['n']})" for n in names]
                    + [", ".join(f"{n} {s[n]['expressible'] / max(s[n]['n'], 1):.0%}" for n in names)]
                    for family, s in found["families"].items()])
@@ -257,9 +264,9 @@ def render_findings(results: dict) -> str:
             "so a paired test would be sharper still.", ""]
     for family, sep in found["separations"].items():
         verdict = "**separates**" if sep["separates"] else "does not separate"
-        pairs = "; ".join(f"{p['better']} > {p['worse']} by {p['gap']:.4f} (se {p['se']:.4f}, "
+        pairs = "; ".join(f"{p['better']} {'>' if p['gap'] else '='} {p['worse']} by {p['gap']:.4f} (se {p['se']:.4f}, "
                           f"{p['ratio']:.1f} se{', separates' if p['separates'] else ''})" for p in sep["pairs"])
-        out.append(f"- **{family}** {verdict}: {pairs}")
+        out.append(f"- **{family}** {verdict}: {pairs or 'no two models can express its probes'}")
     for family, rows in found["probe_examples"].items():
         top = found["separations"][family]["pairs"][0]
         out += ["", f"### {family}: right for {top['better']}, wrong for {top['worse']}", ""]
