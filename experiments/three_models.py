@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import json
 import math
 import shutil
 import sys
@@ -255,8 +254,8 @@ def render_findings(results: dict) -> str:
             "accuracy ± binomial standard error over the expressible probes (correct / expressible of n); "
             "chance is 1 / number of candidates.", ""]
     out += _table(["family"] + names + ["expressible share"],
-                  [[family] + [f"{_number(s[n]['accuracy'])} ± {_number(s[n]['se'])} ({s[n]['correct']}/{s[n]['expressible']}"
-                               f" of {s[n]['n']})" for n in names]
+                  [[family] + [f"{_number(s[n]['accuracy'])} ± {_number(s[n]['se'])} "
+                               f"({s[n]['correct']}/{s[n]['expressible']} of {s[n]['n']})" for n in names]
                    + [", ".join(f"{n} {s[n]['expressible'] / max(s[n]['n'], 1):.0%}" for n in names)]
                    for family, s in found["families"].items()])
     out += ["", f"## Which families separate the models (gap > {SEPARATION_SE:g} standard errors)", "",

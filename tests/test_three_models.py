@@ -71,7 +71,8 @@ def test_the_numbers_in_findings_equal_those_in_results_json(experiment):
             accuracy, se, correct, expressible, n = cell.fullmatch(families[family][name]).groups()
             # Counted again here from the per-probe results, and the standard error by hand.
             scored = [p["results"][name] for p in rows if p["results"][name]["expressible"]]
-            assert (int(correct), int(expressible), int(n)) == (sum(r["correct"] for r in scored), len(scored), len(rows))
+            counted = (sum(r["correct"] for r in scored), len(scored), len(rows))
+            assert (int(correct), int(expressible), int(n)) == counted
             if scored:
                 p = int(correct) / int(expressible)
                 assert float(accuracy) == round(p, 4)
