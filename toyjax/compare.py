@@ -158,9 +158,18 @@ def compare_runs(runs: dict[str, Run], texts: Sequence[str], probe_list: Sequenc
             "hard_for_all": hard_for_all, "probes": probe_rows}
 
 
-def main(argv: list[str]) -> None:
+def write_reports(results: dict, out: str | Path) -> None:
+    """Writes results.json, report.md and report.html of a comparison into the folder out (made if missing)."""
     from toyjax import report_html
 
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "report.md").write_text(report_html.render_markdown(results))
+    (out / "report.html").write_text(report_html.render_html(results))
+
+
+def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="launch.py compare")
     parser.add_argument("runs", nargs="+", help="two or more run workdirs")
     parser.add_argument("--out", required=True, help="folder for report.html, report.md and results.json")
@@ -183,9 +192,6 @@ def main(argv: list[str]) -> None:
     results = compare_runs(runs, texts, probe_list, workdirs=dict(zip(names, args.runs)), quiet=args.quiet)
     results["text_source"] = source
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "report.md").write_text(report_html.render_markdown(results))
-    (out / "report.html").write_text(report_html.render_html(results))
+    write_reports(results, out)
     line = "; ".join(f"{r['name']} {r['bits_per_word']:.3f} bits/word" for r in results["runs"])
     print(f"compare: {line}; report in {out / 'report.html'}", file=sys.stderr)
