@@ -25,13 +25,12 @@ import time
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from toyjax import bert as bert_lib  # noqa: E402
-from toyjax.bert import adapt, heads  # noqa: E402
-from toyjax.bert import candidates as candidates_lib  # noqa: E402
-from toyjax.bert.hf import write_folder  # noqa: E402
-from toyjax.data.text import CorpusError, read_text_file  # noqa: E402
+from toyjax import bert as bert_lib
+from toyjax.bert import adapt, heads
+from toyjax.bert import candidates as candidates_lib
+from toyjax.bert.hf import write_folder
+from toyjax.data.text import CorpusError, read_text_file
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpora" / "tinystories_sample.txt"
 

@@ -35,21 +35,18 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from toyjax.config import Config, ModelConfig, TrainConfig  # noqa: E402
-from toyjax.models import registry  # noqa: E402
-from toyjax.models.decoder import Decoder  # noqa: E402
-from toyjax.models.decoder import init_params  # noqa: E402
-from toyjax.train import cross_entropy, make_optimizer, make_train_step, step_key  # noqa: E402
+from toyjax.config import Config, ModelConfig, TrainConfig
+from toyjax.models import registry
+from toyjax.models.decoder import Decoder
+from toyjax.models.decoder import init_params
+from toyjax.train import cross_entropy, make_optimizer, make_train_step, step_key
 
 CONFIGS = {  # name -> (model fields, batch size)
     "a": (dict(vocab_size=4096, d_model=128, n_layers=4, n_heads=4, d_ff=512, max_len=128), 32),

@@ -26,12 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from toyjax import bert as bert_lib  # noqa: E402
-from toyjax.bert import adapt, heads  # noqa: E402
-from toyjax.tokenizers import simplify as simplify_lib  # noqa: E402
-from toyjax.tokenizers.topword import TopWordTokenizer  # noqa: E402
+from toyjax import bert as bert_lib
+from toyjax.bert import adapt, heads
+from toyjax.tokenizers import simplify as simplify_lib
+from toyjax.tokenizers.topword import TopWordTokenizer
 
 CORPORA = Path(__file__).resolve().parents[2] / "shared" / "corpora"
 

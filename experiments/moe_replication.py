@@ -30,11 +30,10 @@ import jax
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from toyjax import config as config_lib  # noqa: E402
-from toyjax import load_run, train  # noqa: E402
-from toyjax.data import pipeline  # noqa: E402
+from toyjax import config as config_lib
+from toyjax import load_run, train
+from toyjax.data import pipeline
 
 CONFIG = ROOT / "experiments" / "configs" / "moe.py"
 EXPERT_PARAMS = ("w_up", "b_up", "w_down", "b_down")
