@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from jax.scipy.special import ndtr
 
 from toyjax.config import ModelConfig
+from toyjax.models.hooks import HookPoint
 from toyjax.models.registry import register_ffn
 
 # -- routing ------------------------------------------------------------------------------------------------------
@@ -325,6 +326,7 @@ class MoE(nn.Module):
         router_in = tokens.astype(jnp.float32)  # the router runs in float32 whatever the compute dtype
         router_init = nn.initializers.normal(0.02)
         logits = router_in @ self.param("router", router_init, (d_model, moe.n_experts))
+        logits = HookPoint(name="hook_router_logits")(logits.reshape(batch, length, -1)).reshape(logits.shape)
         if moe.router == "noisy_topk":
             # Paper: zero-initialised noise weights, i.e. noise std softplus(0) ≈ 0.69 at the start.
             noise_kernel = self.param("router_noise", nn.initializers.zeros, (d_model, moe.n_experts))
@@ -338,9 +340,13 @@ class MoE(nn.Module):
             routing = switch_routing(logits, top_k=moe.top_k)
             weights = {"balance": moe.balance_coef, "z": moe.z_loss_coef}
 
+        expert_index = HookPoint(name="hook_expert_indices")(routing.expert_index.reshape(batch, length, -1))
+        routing = routing._replace(expert_index=expert_index.reshape(routing.expert_index.shape))
         capacity = expert_capacity(tokens.shape[0], moe.n_experts, moe.top_k, moe.capacity_factor)
         slot, keep = assign_slots(routing.expert_index, moe.n_experts, capacity)
         combine_gate = jnp.where(keep, routing.gate, 0.0)
+        gates = HookPoint(name="hook_expert_gates")(combine_gate.reshape(batch, length, -1))  # after capacity
+        combine_gate = gates.reshape(combine_gate.shape)
 
         expert_init = nn.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,))
         params = ExpertWeights(
