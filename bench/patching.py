@@ -40,6 +40,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="patched runs per vmapped step (jax.lax.map); 0 = all of a layer's runs in one vmap")
     parser.add_argument("--quick", action="store_true", help="32 positions, 2 repeats")
     args = parser.parse_args()
     length, repeats = (32, 2) if args.quick else (args.length, args.repeats)
@@ -53,7 +55,8 @@ def main() -> None:
     metric = interp.logit_difference([3], [4])
 
     # Vectorised: one program for every layer and position.
-    vectorised = jax.jit(lambda v, c, x: interp.patch_activation((model, v), c, x, metric).patched)
+    vectorised = jax.jit(lambda v, c, x: interp.patch_activation((model, v), c, x, metric,
+                                                                         batch_size=args.batch_size or None).patched)
     start = time.perf_counter()
     vectorised_compiled = vectorised.lower(variables, clean, corrupted).compile()
     vectorised_compile = time.perf_counter() - start
@@ -89,7 +92,8 @@ def main() -> None:
 
     n_runs = cfg.n_layers * length
     print(f"model: d_model {cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads} heads, vocab {cfg.vocab_size}; "
-          f"{length} positions -> {n_runs} patched runs; backend {jax.default_backend()}")
+          f"{length} positions -> {n_runs} patched runs; batch size {args.batch_size or 'all'}; "
+          f"backend {jax.default_backend()}")
     print(f"{'':12}{'run (s)':>10}{'compile (s)':>13}{'runs/s':>10}")
     print(f"{'loop':12}{loop_time:10.3f}{loop_compile:13.2f}{n_runs / loop_time:10.0f}")
     print(f"{'vectorised':12}{vectorised_time:10.3f}{vectorised_compile:13.2f}{n_runs / vectorised_time:10.0f}")

@@ -57,7 +57,7 @@ def test_vectorised_patching_equals_the_naive_loop(pair, activation, index):
 def test_batched_map_equals_vmap(pair):
     run, clean, corrupted = pair
     metric = interp.logit_difference([2, 5], [7, 9], position=2)
-    whole = interp.patch_activation(run, clean, corrupted, metric)
+    whole = interp.patch_activation(run, clean, corrupted, metric, batch_size=None)
     batched = interp.patch_activation(run, clean, corrupted, metric, batch_size=2)
     np.testing.assert_allclose(batched.patched, whole.patched, atol=1e-6)
     # Nothing differs before position 1, and a causal model cannot see later positions from position 2.

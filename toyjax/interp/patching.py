@@ -23,12 +23,22 @@ from toyjax.interp.hooked import model_and_variables, run_with_cache, run_with_h
 
 Metric = Callable[[jax.Array], jax.Array]  # logits [batch, pos, vocab] -> scalar (or any array)
 
-# What one patch replaces, by `index`: the clean value at one position, one head (all positions), or both.
-_EDITS = {
-    "position": lambda x, clean, i: x.at[:, i].set(clean[:, i]),
-    "head": lambda x, clean, i: x.at[:, :, i].set(clean[:, :, i]),
-    "position_head": lambda x, clean, i: x.at[:, i[0], i[1]].set(clean[:, i[0], i[1]]),
-}
+# What one patch replaces, by `index`: the clean value at one position, one head (all positions), or both. A mask
+# and a select rather than x.at[...].set: under vmap a traced index would make it a batched scatter (slow on CPU).
+def _patch_position(x, clean, i):
+    return jnp.where((jnp.arange(x.shape[1]) == i).reshape((1, -1) + (1,) * (x.ndim - 2)), clean, x)
+
+
+def _patch_head(x, clean, i):
+    return jnp.where((jnp.arange(x.shape[2]) == i)[:, None], clean, x)
+
+
+def _patch_position_head(x, clean, i):
+    at = (jnp.arange(x.shape[1])[:, None] == i[0]) & (jnp.arange(x.shape[2])[None, :] == i[1])
+    return jnp.where(at[..., None], clean, x)
+
+
+_EDITS = {"position": _patch_position, "head": _patch_head, "position_head": _patch_position_head}
 
 
 class PatchResult(NamedTuple):
@@ -77,13 +87,15 @@ def run_patched(run, corrupted_tokens, corrupted_resid, layer: int, hook: str, e
 
 
 def patch_activation(run, clean_tokens, corrupted_tokens, metric: Metric, activation: str = "hook_resid_pre", *,
-                     index: str = "position", batch_size: int | None = None) -> PatchResult:
+                     index: str = "position", batch_size: int | None = 8) -> PatchResult:
     """Returns the metric with one clean activation patched into the corrupted run, for each layer × index.
 
     activation: a per-layer hook name after "blocks.{i}.", e.g. "hook_resid_pre", "hook_attn_out", "hook_mlp_out",
     "attn.hook_z" (each head's output before the out projection), "attn.hook_v".
     index: "position" ([layer, pos]), "head" ([layer, head], all positions of one head) or "position_head"
     ([layer, pos, head]); the head indices need a [batch, pos, head, d_head] activation.
+    batch_size: patched runs per vmapped step; None = all of a layer's runs in one vmap (for GPU/TPU: on CPU a
+    big batch thrashes the caches, and bench/patching.py measured 8 fastest).
     """
     if index not in _EDITS:
         raise ValueError(f"index must be one of {', '.join(_EDITS)}, got {index!r}")
