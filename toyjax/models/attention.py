@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from toyjax.models.hooks import no_hook
 from toyjax.models.registry import register_attention
 
 
@@ -13,25 +14,28 @@ def causal_mask(q_len: int, k_len: int) -> jax.Array:
     return jnp.arange(k_len)[None, :] <= jnp.arange(q_len)[:, None] + (k_len - q_len)
 
 
-def attention_weights(q, k, *, causal: bool = True) -> jax.Array:
-    """Returns softmax attention probabilities [batch, heads, q_len, k_len] in float32."""
+def attention_weights(q, k, *, causal: bool = True, hook=no_hook) -> jax.Array:
+    """Returns softmax attention probabilities [batch, heads, q_len, k_len] in float32.
+
+    hook(name, x) sees (and may rewrite) the masked scores ("attn_scores") and the probabilities ("pattern").
+    """
     scale = q.shape[-1] ** -0.5
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
     if causal:
         scores = jnp.where(causal_mask(q.shape[1], k.shape[1]), scores, -jnp.inf)
-    return jax.nn.softmax(scores, axis=-1)
+    return hook("pattern", jax.nn.softmax(hook("attn_scores", scores), axis=-1))
 
 
-def dense_attention(q, k, v, *, causal: bool = True, return_weights: bool = False):
-    """Returns softmax(q k^T / sqrt(d)) v, shaped like q (and the weights if asked)."""
-    weights = attention_weights(q, k, causal=causal)
+def dense_attention(q, k, v, *, causal: bool = True, return_weights: bool = False, hook=no_hook):
+    """Returns softmax(q k^T / sqrt(d)) v, shaped like q (and the weights if asked); hook: see attention_weights."""
+    weights = attention_weights(q, k, causal=causal, hook=hook)
     out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
     return (out, weights) if return_weights else out
 
 
 @register_attention("dense")
-def _dense(q, k, v, *, causal, cfg):
-    out, weights = dense_attention(q, k, v, causal=causal, return_weights=True)
+def _dense(q, k, v, *, causal, cfg, hook=no_hook):
+    out, weights = dense_attention(q, k, v, causal=causal, return_weights=True, hook=hook)
     return out, {"attention_weights": weights}
 
 

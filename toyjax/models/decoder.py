@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from toyjax.config import ModelConfig
 from toyjax.models import registry
 from toyjax.models.attention import apply_rotary
+from toyjax.models.hooks import HookPoint
 
 
 class SelfAttention(nn.Module):
@@ -23,11 +24,18 @@ class SelfAttention(nn.Module):
         dtype = jnp.dtype(cfg.dtype)
         qkv = nn.DenseGeneral((3, cfg.n_heads, head_dim), dtype=dtype, name="qkv")(x)  # [b, l, 3, h, d]
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        q, k, v = HookPoint(name="hook_q")(q), HookPoint(name="hook_k")(k), HookPoint(name="hook_v")(v)
         if cfg.positions == "rotary":
             q, k = apply_rotary(q, positions), apply_rotary(k, positions)
-        out, extras = registry.get_attention(cfg.attention)(q, k, v, causal=True, cfg=cfg)
+            q, k = HookPoint(name="hook_rot_q")(q), HookPoint(name="hook_rot_k")(k)
+
+        def hook(name, x, *, editable=True):  # lets the attention kind expose its scores, pattern, ...
+            return HookPoint(editable=editable, name=f"hook_{name}")(x)
+
+        out, extras = registry.get_attention(cfg.attention)(q, k, v, causal=True, cfg=cfg, hook=hook)
         for name, value in extras.items():
             self.sow("intermediates", name, value)
+        out = HookPoint(name="hook_z")(out)
         return nn.DenseGeneral(cfg.d_model, axis=(-2, -1), dtype=dtype, name="out")(out)
 
 
@@ -37,11 +45,14 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x, positions, *, deterministic: bool):
         cfg = self.cfg
+        x = HookPoint(name="hook_resid_pre")(x)
         h = SelfAttention(cfg, name="attention")(nn.LayerNorm(name="ln_attention")(x), positions)
-        x = x + nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
+        h = HookPoint(name="hook_attn_out")(h)
+        x = HookPoint(name="hook_resid_mid")(x + nn.Dropout(cfg.dropout)(h, deterministic=deterministic))
         self.sow("intermediates", "resid_mid", x)
         h = registry.get_ffn(cfg.ffn)(cfg=cfg, name="ffn")(nn.LayerNorm(name="ln_ffn")(x), deterministic=deterministic)
-        x = x + nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
+        h = HookPoint(name="hook_mlp_out")(h)
+        x = HookPoint(name="hook_resid_post")(x + nn.Dropout(cfg.dropout)(h, deterministic=deterministic))
         self.sow("intermediates", "resid_post", x)
         return x
 
@@ -60,10 +71,12 @@ class Decoder(nn.Module):
             raise ValueError(f"input length {tokens.shape[1]} exceeds model.max_len={cfg.max_len}")
         dtype = jnp.dtype(cfg.dtype)
         embed = nn.Embed(cfg.vocab_size, cfg.d_model, embedding_init=nn.initializers.normal(0.02), name="embed")
-        x = embed(tokens)
+        x = HookPoint(name="hook_embed")(embed(tokens))
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         if cfg.positions == "learned":
-            x = x + nn.Embed(cfg.max_len, cfg.d_model, embedding_init=nn.initializers.normal(0.02), name="position")(positions)
+            position_embed = nn.Embed(cfg.max_len, cfg.d_model, embedding_init=nn.initializers.normal(0.02),
+                                      name="position")
+            x = x + HookPoint(name="hook_pos_embed")(position_embed(positions))
         elif cfg.positions != "rotary":
             raise ValueError(f"model.positions must be 'learned' or 'rotary', got {cfg.positions!r}")
         if cfg.grammar_state_embedding:
@@ -75,7 +88,7 @@ class Decoder(nn.Module):
         x = nn.Dropout(cfg.dropout)(x.astype(dtype), deterministic=deterministic)
         for i in range(cfg.n_layers):
             x = Block(cfg, name=f"block_{i}")(x, positions, deterministic=deterministic)
-        x = nn.LayerNorm(name="ln_final")(x)
+        x = HookPoint(name="ln_final_hook_normalized")(nn.LayerNorm(name="ln_final")(x))
         if cfg.tie_embeddings:
             logits = embed.attend(x.astype(jnp.float32))
         else:

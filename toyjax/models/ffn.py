@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import flax.linen as nn
 import jax.numpy as jnp
 
+from toyjax.models.hooks import HookPoint
 from toyjax.models.registry import register_ffn
 
 if TYPE_CHECKING:  # an annotation only: config validates ffn names against the registry, so no import back
@@ -20,5 +21,5 @@ class DenseFFN(nn.Module):
     @nn.compact
     def __call__(self, x, *, deterministic: bool = True):
         dtype = jnp.dtype(self.cfg.dtype)
-        h = nn.Dense(self.cfg.d_ff, dtype=dtype, name="up")(x)
-        return nn.Dense(self.cfg.d_model, dtype=dtype, name="down")(nn.gelu(h))
+        h = HookPoint(name="hook_pre")(nn.Dense(self.cfg.d_ff, dtype=dtype, name="up")(x))
+        return nn.Dense(self.cfg.d_model, dtype=dtype, name="down")(HookPoint(name="hook_post")(nn.gelu(h)))

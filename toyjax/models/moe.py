@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import ndtr
 
+from toyjax.models.hooks import HookPoint
 from toyjax.models.registry import register_ffn
 
 if TYPE_CHECKING:  # annotations only: config validates ffn names against the registry, so no import back
@@ -388,6 +389,7 @@ class MoE(nn.Module):
         router_in = tokens.astype(jnp.float32)  # the router runs in float32 whatever the compute dtype
         router_init = nn.initializers.normal(0.02)
         logits = router_in @ self.param("router", router_init, (d_model, moe.n_experts))
+        logits = HookPoint(name="hook_router_logits")(logits.reshape(batch, length, -1)).reshape(logits.shape)
         if moe.router == "noisy_topk":
             # Paper: zero-initialised noise weights, i.e. noise std softplus(0) ≈ 0.69 at the start.
             noise_kernel = self.param("router_noise", nn.initializers.zeros, (d_model, moe.n_experts))
@@ -401,10 +403,12 @@ class MoE(nn.Module):
             routing = switch_routing(logits, top_k=moe.top_k)
             weights = {"balance": moe.balance_coef, "z": moe.z_loss_coef}
 
-        expert_index = routing.expert_index.reshape(batch, length, moe.top_k)
+        expert_index = HookPoint(name="hook_expert_indices")(routing.expert_index.reshape(batch, length, moe.top_k))
+        routing = routing._replace(expert_index=expert_index.reshape(routing.expert_index.shape))
         capacity = sequence_capacity(cfg)
         slot, keep = assign_slots(expert_index, moe.n_experts, capacity)  # causal, per row
         combine_gate = jnp.where(keep, routing.gate.reshape(batch, length, moe.top_k), 0.0)
+        combine_gate = HookPoint(name="hook_expert_gates")(combine_gate)  # after capacity: what the layer uses
 
         expert_init = nn.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,))
         params = ExpertWeights(

@@ -4,6 +4,9 @@ Attention kind: a pure function
     fn(q, k, v, *, causal: bool, cfg: ModelConfig) -> (out, extras)
 with q, k, v and out shaped [batch, length, heads, head_dim] (q and k already carry their positions) and
 extras a dict of arrays the decoder sows into the 'intermediates' collection (e.g. top-k indices), maybe empty.
+It passes internal activations through hook(name, x, *, editable=True) -> x (default: identity) and uses the
+result, so toyjax.interp can cache or rewrite them (e.g. "attn_scores", "pattern"); editable=False for values
+that are only read out.
 
 Feed-forward kind: a linen Module class, built as Kind(cfg=model_cfg) and called as
     module(x, *, deterministic: bool) -> y        # x, y: [batch, length, d_model]

@@ -28,6 +28,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from toyjax.models.hooks import no_hook
 from toyjax.models.registry import register_attention
 
 _BACKWARD_CHUNK = 32  # queries per backward step: 4 gathers of [32, k, head_dim] per head stay small
@@ -278,10 +279,16 @@ def _topk_attention_autodiff(q, k, v, *, top_k, causal=True, query_chunk=None):
 
 
 @register_attention("topk")
-def topk_attention_kind(q, k, v, *, causal, cfg):
-    """Registry entry: model.attention="topk" with model.attention_top_k and model.attention_query_chunk."""
+def topk_attention_kind(q, k, v, *, causal, cfg, hook=no_hook):
+    """Registry entry: model.attention="topk" with model.attention_top_k and model.attention_query_chunk.
+
+    hook sees the kept key indices and weights as [batch, heads, query, top_k], read-only: they are computed
+    inside the fused kernel, so rewriting them could not change the output.
+    """
     query_chunk = cfg.attention_query_chunk or None
     out, indices, weights = topk_attention(
         q, k, v, top_k=cfg.attention_top_k, causal=causal, query_chunk=query_chunk, return_indices=True
     )
+    hook("topk_indices", jnp.swapaxes(indices, 1, 2), editable=False)
+    hook("topk_weights", jnp.swapaxes(weights, 1, 2), editable=False)
     return out, {"topk_indices": indices, "topk_weights": weights}
