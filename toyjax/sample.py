@@ -54,7 +54,8 @@ class SamplingOptions(NamedTuple):
 def _fill_position(t, logits, carry, prompt_length, grammar, options: SamplingOptions):
     """Returns (buffer, state, key) with position t of each row set: its prompt token, or one drawn from logits [n, vocab].
 
-    Both samplers call this once per position t >= 1 in order, so the same key draws the same random numbers.
+    Both samplers call this once per position t from the shortest prompt's length on, in order, after one key split
+    per earlier position (_skip_draws), so the same key draws the same random numbers in both.
     """
     buffer, state, key = carry
     if grammar is not None and options.constrain:
@@ -73,16 +74,23 @@ def _fill_position(t, logits, carry, prompt_length, grammar, options: SamplingOp
     return buffer, state, key
 
 
+def _skip_draws(key, n_positions):
+    """Returns key after the splits of n_positions positions that draw nothing (prompt tokens in every row)."""
+    return jax.lax.fori_loop(0, n_positions, lambda _, k: jax.random.split(k)[0], key)
+
+
 @functools.partial(jax.jit, static_argnames=("model", "options"))
 def _rerun_sample_loop(model, params, buffer, prompt_length, key, grammar, state, *, options):
     """The reference sampler: every position re-runs the decoder on the whole buffer (O(length²) work)."""
+    first_sampled = jnp.min(prompt_length)  # earlier positions hold prompt tokens in every row
 
     def body(t, carry):
         features = None if grammar is None else grammar.features[carry[1]]
         logits = model.apply({"params": params}, carry[0], state_features=features)[:, t - 1]
         return _fill_position(t, logits, carry, prompt_length, grammar, options)
 
-    buffer, state, _ = jax.lax.fori_loop(1, buffer.shape[1], body, (buffer, state, key))
+    key = _skip_draws(key, first_sampled - 1)
+    buffer, state, _ = jax.lax.fori_loop(first_sampled, buffer.shape[1], body, (buffer, state, key))
     return buffer, state
 
 
@@ -99,7 +107,7 @@ def _cached_sample_loop(model, params, buffer, prompt_length, key, grammar, stat
     cache = init_cache(model, *buffer.shape)
     if prefill_length:  # positions 0 .. prefill_length - 1 hold prompt tokens in every row
         _, cache = decode(cache, buffer[:, :prefill_length], state[:, :prefill_length])
-        key = jax.lax.fori_loop(0, prefill_length, lambda _, k: jax.random.split(k)[0], key)  # as the reference does
+        key = _skip_draws(key, prefill_length)
 
     def body(t, carry):
         buffer, state, key, cache = carry
