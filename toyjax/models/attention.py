@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from toyjax.models.hooks import no_hook
-from toyjax.models.registry import register_attention
+from toyjax.models.registry import register_attention, register_cached_attention
 
 
 def causal_mask(q_len: int, k_len: int) -> jax.Array:
@@ -36,6 +36,32 @@ def dense_attention(q, k, v, *, causal: bool = True, return_weights: bool = Fals
 @register_attention("dense")
 def _dense(q, k, v, *, causal, cfg, hook=no_hook):
     out, weights = dense_attention(q, k, v, causal=causal, return_weights=True, hook=hook)
+    return out, {"attention_weights": weights}
+
+
+def visible_cache_slots(query_positions, cache_length: int) -> jax.Array:
+    """Returns [batch, q_len, cache_length] booleans, True where the query at that position may see cache slot j (j <= it)."""
+    return jnp.arange(cache_length)[None, None, :] <= query_positions[:, :, None]
+
+
+def attend_to_cache(q, cached_k, cached_v, query_positions, *, return_weights: bool = False):
+    """Returns dense attention of queries to a KV cache, shaped like q (and the weights if asked).
+
+    q: [batch, q_len, heads, head_dim] at query_positions [batch, q_len]; cached_k, cached_v: [batch, cache_length,
+    heads, head_dim] with the key of position j in slot j. A query at position p sees slots <= p, so its output is
+    its row of dense_attention over the full sequence (slots after p may hold anything).
+    """
+    scale = q.shape[-1] ** -0.5
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, cached_k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(visible_cache_slots(query_positions, cached_k.shape[1])[:, None], scores, -jnp.inf)
+    weights = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(cached_v.dtype), cached_v)
+    return (out, weights) if return_weights else out
+
+
+@register_cached_attention("dense")
+def _dense_cached(q, cached_k, cached_v, query_positions, *, cfg):
+    out, weights = attend_to_cache(q, cached_k, cached_v, query_positions, return_weights=True)
     return out, {"attention_weights": weights}
 
 

@@ -10,13 +10,14 @@ from toyjax.config import ModelConfig
 from toyjax.models import registry
 from toyjax.models.attention import apply_rotary
 from toyjax.models.hooks import HookPoint
+from toyjax.models.kv_cache import KVCache
 
 
 class SelfAttention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions):
+    def __call__(self, x, positions, *, decode: bool = False):
         cfg = self.cfg
         if cfg.d_model % cfg.n_heads:
             raise ValueError(f"model.d_model={cfg.d_model} is not divisible by model.n_heads={cfg.n_heads}")
@@ -32,7 +33,11 @@ class SelfAttention(nn.Module):
         def hook(name, x, *, editable=True):  # lets the attention kind expose its scores, pattern, ...
             return HookPoint(editable=editable, name=f"hook_{name}")(x)
 
-        out, extras = registry.get_attention(cfg.attention)(q, k, v, causal=True, cfg=cfg, hook=hook)
+        if decode:  # attend to every cached key so far (toyjax/models/kv_cache.py)
+            k, v = KVCache(name="kv_cache")(k, v, positions[:, 0])
+            out, extras = registry.get_cached_attention(cfg.attention)(q, k, v, positions, cfg=cfg)
+        else:
+            out, extras = registry.get_attention(cfg.attention)(q, k, v, causal=True, cfg=cfg, hook=hook)
         for name, value in extras.items():
             self.sow("intermediates", name, value)
         out = HookPoint(name="hook_z")(out)
@@ -43,14 +48,15 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, *, deterministic: bool):
+    def __call__(self, x, positions, *, deterministic: bool, decode: bool = False):
         cfg = self.cfg
         x = HookPoint(name="hook_resid_pre")(x)
-        h = SelfAttention(cfg, name="attention")(nn.LayerNorm(name="ln_attention")(x), positions)
+        h = SelfAttention(cfg, name="attention")(nn.LayerNorm(name="ln_attention")(x), positions, decode=decode)
         h = HookPoint(name="hook_attn_out")(h)
         x = HookPoint(name="hook_resid_mid")(x + nn.Dropout(cfg.dropout)(h, deterministic=deterministic))
         self.sow("intermediates", "resid_mid", x)
-        h = registry.get_ffn(cfg.ffn)(cfg=cfg, name="ffn")(nn.LayerNorm(name="ln_ffn")(x), deterministic=deterministic)
+        h = registry.get_ffn(cfg.ffn)(cfg=cfg, name="ffn")(nn.LayerNorm(name="ln_ffn")(x), deterministic=deterministic,
+                                                               decode=decode)
         h = HookPoint(name="hook_mlp_out")(h)
         x = HookPoint(name="hook_resid_post")(x + nn.Dropout(cfg.dropout)(h, deterministic=deterministic))
         self.sow("intermediates", "resid_post", x)
@@ -58,12 +64,15 @@ class Block(nn.Module):
 
 
 class Decoder(nn.Module):
-    """tokens [batch, length] (+ grammar state features [batch, length, F]) -> logits [batch, length, vocab]."""
+    """tokens [batch, length] (+ grammar state features [batch, length, F]) -> logits [batch, length, vocab].
+
+    decode=True: tokens continue each row of a KV cache (apply with mutable=["cache"]; see models/kv_cache.py).
+    """
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens, *, state_features=None, deterministic: bool = True):
+    def __call__(self, tokens, *, state_features=None, deterministic: bool = True, decode: bool = False):
         cfg = self.cfg
         if cfg.vocab_size <= 0:
             raise ValueError("model.vocab_size is unset; it is normally taken from the tokenizer")
@@ -73,6 +82,10 @@ class Decoder(nn.Module):
         embed = nn.Embed(cfg.vocab_size, cfg.d_model, embedding_init=nn.initializers.normal(0.02), name="embed")
         x = HookPoint(name="hook_embed")(embed(tokens))
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        if decode:  # each row continues from its own position, kept in the 'cache' collection (kv_cache.py)
+            next_position = self.variable("cache", "next_position", jnp.zeros, tokens.shape[:1], jnp.int32)
+            positions = positions + next_position.value[:, None]
+            next_position.value = next_position.value + tokens.shape[1]
         if cfg.positions == "learned":
             position_embed = nn.Embed(cfg.max_len, cfg.d_model, embedding_init=nn.initializers.normal(0.02),
                                       name="position")
@@ -87,7 +100,7 @@ class Decoder(nn.Module):
                                  name=f"grammar_feature_{i}")(state_features[..., i])
         x = nn.Dropout(cfg.dropout)(x.astype(dtype), deterministic=deterministic)
         for i in range(cfg.n_layers):
-            x = Block(cfg, name=f"block_{i}")(x, positions, deterministic=deterministic)
+            x = Block(cfg, name=f"block_{i}")(x, positions, deterministic=deterministic, decode=decode)
         x = HookPoint(name="ln_final_hook_normalized")(nn.LayerNorm(name="ln_final")(x))
         if cfg.tie_embeddings:
             logits = embed.attend(x.astype(jnp.float32))

@@ -19,7 +19,7 @@ class DenseFFN(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, *, deterministic: bool = True):
+    def __call__(self, x, *, deterministic: bool = True, decode: bool = False):  # per token: decode changes nothing
         dtype = jnp.dtype(self.cfg.dtype)
         h = HookPoint(name="hook_pre")(nn.Dense(self.cfg.d_ff, dtype=dtype, name="up")(x))
         return nn.Dense(self.cfg.d_model, dtype=dtype, name="down")(HookPoint(name="hook_post")(nn.gelu(h)))

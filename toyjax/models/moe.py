@@ -375,7 +375,7 @@ class MoE(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, *, deterministic: bool = True):
+    def __call__(self, x, *, deterministic: bool = True, decode: bool = False):
         cfg, moe = self.cfg, self.cfg.moe
         if moe.router not in ("noisy_topk", "switch"):
             raise ValueError(f"model.moe.router must be 'noisy_topk' or 'switch', got {moe.router!r}")
@@ -406,7 +406,12 @@ class MoE(nn.Module):
         expert_index = HookPoint(name="hook_expert_indices")(routing.expert_index.reshape(batch, length, moe.top_k))
         routing = routing._replace(expert_index=expert_index.reshape(routing.expert_index.shape))
         capacity = sequence_capacity(cfg)
-        slot, keep = assign_slots(expert_index, moe.n_experts, capacity)  # causal, per row
+        if decode:  # x continues each row: its slots count the row's earlier assignments, kept in the 'cache'
+            counts = self.variable("cache", "expert_counts", jnp.zeros, (batch, moe.n_experts), jnp.int32)
+            slot, counts.value = causal_slots(expert_index, counts.value)
+            keep = slot < capacity
+        else:
+            slot, keep = assign_slots(expert_index, moe.n_experts, capacity)  # causal, per row
         combine_gate = jnp.where(keep, routing.gate.reshape(batch, length, moe.top_k), 0.0)
         combine_gate = HookPoint(name="hook_expert_gates")(combine_gate)  # after capacity: what the layer uses
 

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from toyjax.models.hooks import no_hook
-from toyjax.models.registry import register_attention
+from toyjax.models.registry import register_attention, register_cached_attention
 
 _BACKWARD_CHUNK = 32  # queries per backward step: 4 gathers of [32, k, head_dim] per head stay small
 
@@ -291,4 +291,36 @@ def topk_attention_kind(q, k, v, *, causal, cfg, hook=no_hook):
     )
     hook("topk_indices", jnp.swapaxes(indices, 1, 2), editable=False)
     hook("topk_weights", jnp.swapaxes(weights, 1, 2), editable=False)
+    return out, {"topk_indices": indices, "topk_weights": weights}
+
+
+def topk_attend_to_cache(q, cached_k, cached_v, query_positions, *, top_k: int):
+    """Returns (out [batch, q_len, heads, head_dim], indices, weights [batch, q_len, heads, k]) against a KV cache.
+
+    q at query_positions [batch, q_len]; cached_k, cached_v: [batch, cache_length, heads, head_dim], key j in slot j.
+    The query at position p keeps the top_k of its scores against slots <= p, exactly as topk_attention's causal
+    query p does over the full sequence (same scaling, same tie order), so its output is that query's row there.
+    Indices are -1 and weights 0 in slots a query cannot fill (it sees fewer than top_k keys).
+    """
+    _check_inputs(q, cached_k, cached_v, top_k, None)
+    top_k = min(top_k, cached_k.shape[1])
+    q_t = jnp.transpose(q, (0, 2, 1, 3)) * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)  # [b, h, q, d]
+    scores = jnp.einsum("bhqd,bkhd->bhqk", q_t, cached_k, preferred_element_type=_accumulation_dtype(q_t))
+    positions = query_positions[:, None, :, None]  # [batch, 1, q_len, 1]
+    scores = jnp.where(jnp.arange(cached_k.shape[1]) <= positions, scores, -jnp.inf)
+    kept_scores, indices = jax.lax.top_k(scores, top_k)
+    valid = indices <= positions  # slots past the visible keys hold -inf scores with arbitrary indices
+    kept_scores = jnp.where(valid, kept_scores, -jnp.inf)
+    exp = jnp.where(valid, jnp.exp(kept_scores - jnp.max(kept_scores, axis=-1, keepdims=True)), 0.0)
+    weights = exp / jnp.sum(exp, axis=-1, keepdims=True)
+    indices = jnp.where(valid, indices, 0)
+    out = jnp.einsum("bhqk,bhqkd->bhqd", weights.astype(cached_v.dtype), _gather_rows(cached_v, indices))
+    to_queries_first = lambda x: jnp.transpose(x, (0, 2, 1, 3))  # noqa: E731
+    return to_queries_first(out), to_queries_first(jnp.where(valid, indices, -1)), to_queries_first(weights)
+
+
+@register_cached_attention("topk")
+def topk_cached_attention_kind(q, cached_k, cached_v, query_positions, *, cfg):
+    """Registry entry: the KV-cache form of model.attention="topk" (same top-k per query as the full forward)."""
+    out, indices, weights = topk_attend_to_cache(q, cached_k, cached_v, query_positions, top_k=cfg.attention_top_k)
     return out, {"topk_indices": indices, "topk_weights": weights}
