@@ -181,7 +181,7 @@ def sample(model: Decoder, params, prompt, *, n: int | None = None, length: int 
     samples for the same key, up to float rounding in the logits.
     """
     length = length or model.cfg.max_len
-    check_sampling_settings(n=n, temperature=temperature, top_k=top_k, top_p=top_p)
+    check_sampling_settings(n=1 if n is None else n, temperature=temperature, top_k=top_k, top_p=top_p)
     prompts = _rows(prompt, n, "prompt")
     if not prompts or min(map(len, prompts)) == 0:
         raise SamplingError("sample: needs a non-empty prompt (e.g. [tokenizer.eos_id])")
