@@ -6,6 +6,7 @@
   inspect     WORKDIR [--samples 3] [--step N]
   bert-adapt  --corpus FILE --workdir DIR [--steps 1050 --time-budget-min 29.5]   MLM-adapt a BERT, writes DIR/hf
   compare     RUN_A RUN_B [RUN_C ...] --out DIR [--text FILE] [--n-examples 200] [--n-probes 100]
+  fuzz        RUN [RUN ...] --bert DIR --out DIR [--budget 100 --n-probes 10 --max-edits 3 --seed 0]
 """
 
 from __future__ import annotations
@@ -112,8 +113,14 @@ def cmd_compare(argv: list[str]) -> None:
     compare.main(argv)
 
 
+def cmd_fuzz(argv: list[str]) -> None:
+    from toyjax import fuzz_report
+
+    fuzz_report.main(argv)
+
+
 COMMANDS = {"train": cmd_train, "quickstart": cmd_quickstart, "sample": cmd_sample, "inspect": cmd_inspect,
-            "bert-adapt": cmd_bert_adapt, "compare": cmd_compare}
+            "bert-adapt": cmd_bert_adapt, "compare": cmd_compare, "fuzz": cmd_fuzz}
 
 
 def main(argv: list[str]) -> int:

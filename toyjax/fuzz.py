@@ -12,6 +12,7 @@ the sum over edited positions of log P(new) - log P(old), each position masked a
 the pseudo-log-likelihood difference of the edited text against the original restricted to the edited positions,
 with the context held at the clean text: it ignores interactions between edits (the exact PLL would cost one
 masked-LM pass per position per candidate text) and is additive, so sets are ranked without new BERT passes.
+BERT sees MLM_CONTEXT_WORDS words either side of the mask (a local window: rows stay short and pack densely).
 0 = as plausible as the original; more negative = less plausible.
 
 Oracles (ORACLES; add one with `register_oracle`). Each says which words may be edited and into what, whether an
@@ -53,6 +54,8 @@ from toyjax.models import bert as bert_lib, bert_candidates  # the one BERT impo
 from toyjax.runs import Run, run_grammar
 
 CONTINUATION_WORDS = 16
+# BERT sees this many words either side of the mask: short rows pack into one sequence length (one compilation).
+MLM_CONTEXT_WORDS = 12
 _OTHER_CLASSES = {"pronoun": ["she", "he", "her", "his", "him"], "speech": ["said"], "motion": ["went"]}
 _BASE_CLASSES = {"girl": stories_lib.GIRLS, "boy": stories_lib.BOYS, "colour": stories_lib.COLOURS,
                  "object": stories_lib.OBJECTS, "pet": stories_lib.PETS, "place": stories_lib.PLACES,
@@ -307,22 +310,32 @@ class Targets:
 # -- proposals and search -------------------------------------------------------------------------------------
 
 
-def score_edits(bert, prompt: str, words: list[Word], slots: Sequence[Slot], candidates_per_slot: int) -> list[list[Edit]]:
-    """Returns per slot its top candidates_per_slot edits by MLM log-probability (one batched BERT call for all)."""
-    if not slots:
-        return []
-    positions = sorted({p for s in slots for p in s.positions})
-    masked = [prompt[:words[p].start] + bert_lib.MASK_TOKEN + prompt[words[p].end:] for p in positions]
-    vocabulary = list(dict.fromkeys(w.lower() for s in slots for w in (s.old, *s.choices)))
-    names, scores = bert_candidates.candidate_log_scores(bert, masked, vocabulary)  # [positions, words]
-    row, column = {p: i for i, p in enumerate(positions)}, {w: j for j, w in enumerate(names)}
+def score_edits(bert, items: Sequence[tuple[str, list[Word], Sequence[Slot]]], candidates_per_slot: int) -> list[list[list[Edit]]]:
+    """Returns, per (prompt, words, slots) item, per slot its top candidates_per_slot edits by MLM log-probability.
+
+    One batched BERT call for every masked position of every item, over the union of the candidate words.
+    """
+    contexts, where = [], {}
+    for item, (prompt, words, slots) in enumerate(items):
+        for p in sorted({p for s in slots for p in s.positions}):
+            where[item, p] = len(contexts)
+            left, right = words[max(p - MLM_CONTEXT_WORDS, 0)].start, words[min(p + MLM_CONTEXT_WORDS, len(words) - 1)].end
+            contexts.append(prompt[left:words[p].start] + bert_lib.MASK_TOKEN + prompt[words[p].end:right])
+    if not contexts:
+        return [[[] for _ in slots] for _, _, slots in items]
+    vocabulary = list(dict.fromkeys(w.lower() for _, _, slots in items for s in slots for w in (s.old, *s.choices)))
+    names, scores = bert_candidates.candidate_log_scores(bert, contexts, vocabulary)  # [contexts, words]
+    column = {w: j for j, w in enumerate(names)}
     out = []
-    for slot in slots:
-        rows = [row[p] for p in slot.positions]
-        old = float(scores[rows, column[slot.old.lower()]].sum())
-        scored = sorted(((float(scores[rows, column[c.lower()]].sum()), c) for c in slot.choices),
-                        key=lambda item: (-item[0], item[1]))
-        out.append([Edit(slot.positions, slot.old, new, lp, lp - old) for lp, new in scored[:candidates_per_slot]])
+    for item, (_, _, slots) in enumerate(items):
+        per_slot = []
+        for slot in slots:
+            rows = [where[item, p] for p in slot.positions]
+            old = float(scores[rows, column[slot.old.lower()]].sum())
+            scored = sorted(((float(scores[rows, column[c.lower()]].sum()), c) for c in slot.choices),
+                            key=lambda pair: (-pair[0], pair[1]))
+            per_slot.append([Edit(slot.positions, slot.old, new, lp, lp - old) for lp, new in scored[:candidates_per_slot]])
+        out.append(per_slot)
     return out
 
 
@@ -455,17 +468,18 @@ def fuzz(runs: dict[str, Run], bert, stories: Sequence[stories_lib.Story], probe
     usable = [p for p in probe_list if all(probes_lib.expressible(r.tokenizer, p) for r in runs.values())]
     clean = {o.measure: targets.observe(o, names, usable) for o in oracles}  # once per measure, probe and model
     clean_queries = targets.queries
+    words = [prompt_words(p.prompt) for p in usable]
+    slots = [{o.name: o.slots(p, w, readable, settings.keep_class) for o in oracles} for p, w in zip(usable, words)]
+    unique = [list(dict.fromkeys(s for group in by_oracle.values() for s in group)) for by_oracle in slots]
+    scored = score_edits(bert, [(p.prompt, w, u) for p, w, u in zip(usable, words, unique)], settings.candidates_per_slot)
     attacks = []
     for index, probe in enumerate(tqdm(usable, desc="fuzz probes", disable=not progress)):
-        words = prompt_words(probe.prompt)
-        slots = {o.name: o.slots(probe, words, readable, settings.keep_class) for o in oracles}
-        unique = list(dict.fromkeys(s for group in slots.values() for s in group))
-        by_slot = dict(zip(unique, score_edits(bert, probe.prompt, words, unique, settings.candidates_per_slot)))
+        by_slot = dict(zip(unique[index], scored[index]))
         for oracle in oracles:
-            edits = [e for slot in slots[oracle.name] for e in by_slot[slot]]
+            edits = [e for slot in slots[index][oracle.name] for e in by_slot[slot]]
             for group in ([names] if oracle.joint else [[n] for n in names]):
                 observations = [clean[oracle.measure][index][names.index(n)] for n in group]
-                attacks.append(attack(oracle, probe, words, edits, group, observations, targets, settings))
+                attacks.append(attack(oracle, probe, words[index], edits, group, observations, targets, settings))
     return {"models": names, "settings": dataclasses.asdict(settings), "readable_words": len(readable),
             "probes": len(probe_list), "probes_expressible": len(usable), "attacks": attacks,
             "queries": {"total": targets.queries, "clean": clean_queries}}
