@@ -46,7 +46,7 @@ def world(tmp_path_factory):
     runs = {"cue": cue_run, "bigram": bigram_run(tokenizer, table, max_len=MAX_LEN)}
     words = sorted({w for t in texts for w in tokenizer.pre_tokenize(t)})
     config = fuzz.bert_lib.BertConfig(vocab_size=5 + len(words), hidden_size=32, num_hidden_layers=2,
-                                      num_attention_heads=4, intermediate_size=64, max_position_embeddings=256)
+                                      num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)
     folder = fuzz.bert_lib.write_random_folder(tmp_path_factory.mktemp("bert") / "bert", words, config)
     return {"tokenizer": tokenizer, "table": table, "runs": runs, "bert": fuzz.bert_lib.load(folder), "folder": folder}
 
@@ -154,10 +154,12 @@ def test_query_budget_is_never_exceeded_and_every_query_is_counted(world, monkey
     assert sum(counted) == results["queries"]["total"] == results["queries"]["clean"] + charged
 
 
-def test_a_fixed_seed_reproduces_the_run(world, cue_results):
-    again, _ = run_fuzz(world, oracles=("invariance", "differential"))
-    assert json.dumps(again, sort_keys=True) == json.dumps(cue_results[0], sort_keys=True)
-    other, _ = run_fuzz(world, seed=1, oracles=("invariance",))
+def test_a_fixed_seed_reproduces_the_run(world):
+    first, _ = run_fuzz(world, n_probes=4, oracles=("invariance", "differential"))
+    again, _ = run_fuzz(world, n_probes=4, oracles=("invariance", "differential"))
+    assert any(a["status"] == "broken" for a in first["attacks"])
+    assert json.dumps(again, sort_keys=True) == json.dumps(first, sort_keys=True)
+    other, _ = run_fuzz(world, seed=1, n_probes=4, oracles=("invariance",))
     assert {a["story"]: a.get("clean") for a in other["attacks"]} != {a["story"]: a.get("clean") for a in again["attacks"]}
 
 
