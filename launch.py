@@ -9,6 +9,7 @@
   compare     RUN_A RUN_B [RUN_C ...] --out DIR [--text FILE] [--n-examples 200] [--n-probes 100]
   sweep       --config FILE --workdir DIR --grid model.d_model=64,128 [KEY=V,V ...] [--zip] [--seeds 0,1,2]
               [--metric ppl] [--config.KEY=VALUE ...]   a run per point and seed; DIR/results.csv, .md, plots
+  fuzz        RUN [RUN ...] --bert DIR --out DIR [--budget 100 --n-probes 10 --max-edits 3 --seed 0]
 """
 
 from __future__ import annotations
@@ -148,8 +149,14 @@ def cmd_sweep(argv: list[str]) -> None:
     sweep.run_sweep(base, points, args.workdir, seeds=seeds, metric=args.metric, quiet=args.quiet)
 
 
+def cmd_fuzz(argv: list[str]) -> None:
+    from toyjax import fuzz_report
+
+    fuzz_report.main(argv)
+
+
 COMMANDS = {"train": cmd_train, "quickstart": cmd_quickstart, "sample": cmd_sample, "inspect": cmd_inspect,
-            "bert-adapt": cmd_bert_adapt, "compare": cmd_compare, "sweep": cmd_sweep}
+            "bert-adapt": cmd_bert_adapt, "compare": cmd_compare, "sweep": cmd_sweep, "fuzz": cmd_fuzz}
 
 
 def one_line(message: str) -> str:

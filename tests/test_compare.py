@@ -1,7 +1,6 @@
 import json
 import re
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +12,6 @@ from toyjax.testing import bigram_logits, bigram_run, tiny_config
 from toyjax.tokenizers import TopWordTokenizer
 
 PET = re.compile(r"also had an? \w+ that liked to \w+\. ")  # the construction the crippled run never sees
-CHROMIUM = Path("/usr/bin/chromium")
 
 
 def test_a_crippled_run_is_hard_for_it_easy_for_the_others_on_its_missing_construction():
@@ -97,18 +95,9 @@ def test_compare_command_writes_consistent_reports(report):
     assert "| run_a | topword |" in markdown and "## Hard for all" in markdown
 
 
-def test_report_html_in_a_headless_browser(report):
-    if not CHROMIUM.exists():
-        pytest.skip(f"no browser: {CHROMIUM} is not installed (apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api")
+def test_report_html_in_a_headless_browser(report, browser_page):
     results = json.loads((report / "results.json").read_text())
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
-        page = browser.new_page()
-        problems = []
-        page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
-        page.on("pageerror", lambda e: problems.append(str(e)))
-        page.goto((report / "report.html").as_uri())
+    with browser_page(report / "report.html") as (page, problems):
         assert problems == []
         assert page.locator("#runs tbody tr").count() == 2
         assert page.locator("#probes tbody tr").count() == 6
@@ -125,4 +114,3 @@ def test_report_html_in_a_headless_browser(report):
         page.locator("#examples th").nth(column).click()
         assert cells() == sorted(cells())
         assert problems == []
-        browser.close()

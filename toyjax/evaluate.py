@@ -97,9 +97,18 @@ def window_plan(n_inputs: int, max_len: int, stride: int) -> list[tuple[int, int
 # -- the model side -------------------------------------------------------------------------------------------
 
 
+_LOG_PROB_FNS: dict = {}  # id(model) -> (model, restrict, fn): one compilation per model, not per call
+
+
 def make_log_prob_fn(run: Run, grammar=None):
-    """Returns jitted log_probs(params, inputs, targets, grammar_state) -> [batch, length] target log-probs."""
+    """Returns jitted log_probs(params, inputs, targets, grammar_state) -> [batch, length] target log-probs.
+
+    Without grammar tables the function is cached per model, so repeated calls (a fuzzer's) compile once.
+    """
     restrict = run.config.train.loss == "valid_subset"
+    cached = _LOG_PROB_FNS.get(id(run.model)) if grammar is None else None
+    if cached is not None and cached[0] is run.model and cached[1] == restrict:
+        return cached[2]
 
     def log_probs(params, inputs, targets, grammar_state):
         batch = {"inputs": inputs} if grammar_state is None else {"inputs": inputs, "grammar_state": grammar_state}
@@ -107,7 +116,10 @@ def make_log_prob_fn(run: Run, grammar=None):
         logits = run.model.apply({"params": params}, inputs, state_features=features, deterministic=True)
         return -cross_entropy(logits, targets, valid_mask if restrict else None)
 
-    return jax.jit(log_probs)
+    fn = jax.jit(log_probs)
+    if grammar is None:
+        _LOG_PROB_FNS[id(run.model)] = (run.model, restrict, fn)
+    return fn
 
 
 def _grammar_states(grammar, sequence: np.ndarray) -> np.ndarray:

@@ -123,8 +123,11 @@ def _shared_prefix(sequences: list[list[int]]) -> int:
     return n
 
 
-def score_probes(run: Run, probes: Sequence[Probe], *, batch_size: int = 32) -> list[dict]:
-    """Returns per probe {expressible, correct, margin_bits, scores_bits} for one run (None where inexpressible)."""
+def score_probes(run: Run, probes: Sequence[Probe], *, batch_size: int = 32, log_probs=token_log_probs) -> list[dict]:
+    """Returns per probe {expressible, correct, margin_bits, scores_bits} for one run (None where inexpressible).
+
+    log_probs: the per-token log-prob function (evaluate.token_log_probs; a reference forward can stand in).
+    """
     tokenizer = run.tokenizer
     eos = tokenizer.eos_id
     texts, owners = [], []
@@ -133,9 +136,9 @@ def score_probes(run: Run, probes: Sequence[Probe], *, batch_size: int = 32) -> 
             texts += [f"{probe.prompt} {c}" for c in probe.candidates]
             owners += [index] * len(probe.candidates)
     sequences = [[eos, *ids] for ids in tokenizer.encode_batch(texts)] if texts else []
-    log_probs = token_log_probs(run, sequences, batch_size=batch_size) if sequences else []
+    token_lps = log_probs(run, sequences, batch_size=batch_size) if sequences else []
     grouped: dict[int, list[tuple[list[int], np.ndarray]]] = {}
-    for owner, seq, lp in zip(owners, sequences, log_probs):
+    for owner, seq, lp in zip(owners, sequences, token_lps):
         grouped.setdefault(owner, []).append((seq, lp))
     results = []
     for index, probe in enumerate(probes):

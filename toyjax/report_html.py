@@ -68,7 +68,8 @@ def _cell(value, digits: int = 3) -> str:
     return f"<td>{html.escape(_fmt(value, digits))}</td>"
 
 
-def _table(table_id: str, header: list[str], rows: list[list]) -> str:
+def html_table(table_id: str, header: list[str], rows: list[list]) -> str:
+    """Returns a sortable <table> (numbers sort by their data-value; see `html_page`)."""
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(_cell(v) for v in row) + "</tr>" for row in rows)
     return f'<table class="sortable" id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
@@ -120,25 +121,25 @@ def render_html(results: dict) -> str:
     parts = [f"<h1>Comparison of {len(names)} runs</h1>",
              f"<p>Text: {html.escape(results.get('text_source', ''))}; {len(examples)} examples. "
              f"Bits per word are over the same original words for every tokenizer.</p>",
-             "<h2>Models</h2>", _table("runs", *run_rows(results)),
-             "<h2>Probes</h2>", _table("probes", *probe_rows(results)),
+             "<h2>Models</h2>", html_table("runs", *run_rows(results)),
+             "<h2>Probes</h2>", html_table("probes", *probe_rows(results)),
              f"<p>Hard: {html.escape(results['hardness']['definition'])}.</p>"]
     shown: list[int] = []
     for index, pair in enumerate(results["pairs"]):
         parts.append(f"<h2>Hard for {html.escape(pair['hard_for'])}, easy for {html.escape(pair['easy_for'])}</h2>")
         rows = [[e["id"], e["gap"], e["z_hard"], e["z_easy"], _words_text(e["words"])] for e in pair["examples"]]
-        parts.append(_table(f"pair-{index}", ["example", "z gap", f"z {pair['hard_for']}", f"z {pair['easy_for']}",
+        parts.append(html_table(f"pair-{index}", ["example", "z gap", f"z {pair['hard_for']}", f"z {pair['easy_for']}",
                                               "words responsible (bits difference)"], rows))
         shown += [e["id"] for e in pair["examples"]]
     parts.append("<h2>Hard for all</h2>")
-    parts.append(_table("hard-all", ["example", "min z", "words responsible (min bits)"],
+    parts.append(html_table("hard-all", ["example", "min z", "words responsible (min bits)"],
                         [[e["id"], e["min_z"], _words_text(e["words"])] for e in results["hard_for_all"]]))
     shown += [e["id"] for e in results["hard_for_all"]]
     parts.append("<h2>Examples</h2>")
     header = ["example"] + [f"bits/word {n}" for n in names] + [f"z {n}" for n in names] + ["text"]
     rows = [[e["id"]] + [e["bits_per_word"][n] for n in names] + [e["z"][n] for n in names] + [e["text"][:120]]
             for e in examples]
-    parts.append(_table("examples", header, rows))
+    parts.append(html_table("examples", header, rows))
     ordered = list(dict.fromkeys(shown + [e["id"] for e in examples]))[:MAX_COLOURED_EXAMPLES]
     parts.append(f"<h2>Words coloured by surprisal</h2><p>White = 0 bits, full red = {cap:.1f} bits or more (one "
                  f"scale for all models); dotted underline = simplified word, wavy = unknown word; hover for bits.</p>")
@@ -148,13 +149,17 @@ def render_html(results: dict) -> str:
     rows = [[p["family"], p["prompt_tail"], p["answer"], " ".join(p["wrong"])]
             + [p["results"][n]["margin_bits"] if p["results"][n]["expressible"] else "not expressible" for n in names]
             for p in results["probes"]]
-    parts.append(_table("probe-details", header, rows))
-    title = html.escape("compare: " + ", ".join(names))
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
+    parts.append(html_table("probe-details", header, rows))
+    return html_page("compare: " + ", ".join(names), parts)
+
+
+def html_page(title: str, parts: list[str]) -> str:
+    """Returns one self-contained HTML page (inline CSS and the table-sorting script) around the parts."""
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{_CSS}</style></head><body>{''.join(parts)}<script>{_JS}</script></body></html>\n")
 
 
-def _md_table(header: list[str], rows: list[list]) -> str:
+def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_fmt(v).replace("|", "\\|") for v in row) + " |" for row in rows]
     return "\n".join(lines)
@@ -165,7 +170,7 @@ def render_markdown(results: dict) -> str:
     names = [r["name"] for r in results["runs"]]
     out = [f"# Comparison of {len(names)} runs", "", f"Text: {results.get('text_source', '')}; "
            f"{len(results['examples'])} examples; bits per word over the same original words.", "",
-           "## Models", "", _md_table(*run_rows(results)), "", "## Probes", "", _md_table(*probe_rows(results)), "",
+           "## Models", "", markdown_table(*run_rows(results)), "", "## Probes", "", markdown_table(*probe_rows(results)), "",
            f"Hard: {results['hardness']['definition']}.", ""]
     texts = {e["id"]: e["text"] for e in results["examples"]}
     for pair in results["pairs"]:
@@ -178,6 +183,6 @@ def render_markdown(results: dict) -> str:
             for e in results["hard_for_all"]] or ["(none)"]
     header = ["example"] + [f"bits/word {n}" for n in names] + [f"z {n}" for n in names]
     rows = [[e["id"]] + [e["bits_per_word"][n] for n in names] + [e["z"][n] for n in names] for e in results["examples"]]
-    out += ["", "## Examples", "", _md_table(header, rows), ""]
+    out += ["", "## Examples", "", markdown_table(header, rows), ""]
     return "\n".join(out)
 
