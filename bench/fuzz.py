@@ -19,7 +19,7 @@ import numpy as np
 
 from toyjax import fuzz, probes as probes_lib, train
 from toyjax.data import pipeline
-from toyjax.models.decoder import Decoder
+from toyjax.models.decoder import Decoder, init_params
 from toyjax.runs import Run
 from toyjax.testing import tiny_config
 
@@ -31,7 +31,7 @@ def build(tmp: str):
     tokenizer = pipeline.fit_tokenizer(cfg.tokenizer, texts)
     cfg.model.vocab_size = tokenizer.vocab_size
     model = Decoder(cfg.model)
-    run = Run(cfg, train.init_params(model, cfg), tokenizer, 0, model)
+    run = Run(cfg, init_params(model, cfg.train.seed), tokenizer, 0, model)
     words = sorted({w for t in texts[:500] for w in tokenizer.pre_tokenize(t)})
     config = fuzz.bert_lib.BertConfig(vocab_size=5 + len(words), max_position_embeddings=128)
     bert = fuzz.bert_lib.load(fuzz.bert_lib.write_random_folder(f"{tmp}/bert", words, config))

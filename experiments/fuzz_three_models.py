@@ -4,7 +4,7 @@
         [runs/three_models/dense runs/three_models/topk runs/three_models/moe] [--out runs/fuzz_three_models]
 
 Needs the three runs of experiments/three_models.py and a BERT folder with an MLM head
-(python launch.py bert-adapt --corpus ../shared/corpora/tinystories_sample.txt --workdir runs/bert_adapt).
+(python launch.py bert-adapt --config experiments/configs/bert_adapt.py --workdir runs/bert_adapt).
 Settings: 8 probes per family, budget 60 queries per attack, up to 3 edits, beam 3, 3 MLM candidates per slot,
 all four oracles; sized for <= 20 minutes on a 2-core CPU.
 Expect: not run yet (no adapted BERT existed when this was written). Outcome and time: fill in from

@@ -32,7 +32,7 @@ from toyjax import fuzz, probes as probes_lib
 from toyjax.config import ConfigError
 from toyjax.report_html import html_page, html_table, markdown_table
 
-BERT_HELP = ("python launch.py bert-adapt --corpus ../shared/corpora/tinystories_sample.txt --workdir runs/bert_adapt "
+BERT_HELP = ("python launch.py bert-adapt --config experiments/configs/bert_adapt.py --workdir runs/bert_adapt "
              "(~30 min CPU), then pass --bert runs/bert_adapt/hf or set TOYJAX_BERT=runs/bert_adapt/hf")
 CURVES = ("failure_vs_edits.png", "failure_vs_plausibility.png")
 
