@@ -34,7 +34,7 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, *, deterministic: bool):
+    def __call__(self, x, positions, deterministic: bool):
         cfg = self.cfg
         h = SelfAttention(cfg, name="attention")(nn.LayerNorm(name="ln_attention")(x), positions)
         x = x + nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
@@ -72,8 +72,9 @@ class Decoder(nn.Module):
                 x = x + nn.Embed(size, cfg.d_model, embedding_init=nn.initializers.normal(0.02),
                                  name=f"grammar_feature_{i}")(state_features[..., i])
         x = nn.Dropout(cfg.dropout)(x.astype(dtype), deterministic=deterministic)
+        block = nn.remat(Block, static_argnums=(3,)) if cfg.remat else Block  # model.remat: jax.checkpoint each block
         for i in range(cfg.n_layers):
-            x = Block(cfg, name=f"block_{i}")(x, positions, deterministic=deterministic)
+            x = block(cfg, name=f"block_{i}")(x, positions, deterministic)
         x = nn.LayerNorm(name="ln_final")(x)
         if cfg.tie_embeddings:
             logits = embed.attend(x.astype(jnp.float32))
