@@ -28,6 +28,7 @@ Without them (or with one process) nothing is initialised and the run uses this 
 from __future__ import annotations
 
 import math
+import os
 import re
 from typing import Any, Callable, NamedTuple
 
@@ -260,8 +261,15 @@ def eval_batch(layout: Layout | None, batch: dict) -> dict:
 # -- processes -----------------------------------------------------------------------------------------------------
 
 
-def initialize_distributed(coordinator: str | None, num_processes: int | None, process_id: int | None) -> None:
-    """Starts jax.distributed when a coordinator or more than one process is named; a ConfigError if incomplete."""
+def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+    """Starts jax.distributed when a coordinator or more than one process is named; a ConfigError if incomplete.
+
+    Each argument left None is read from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES or JAX_PROCESS_ID.
+    """
+    coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
+    num_processes = _env_int("JAX_NUM_PROCESSES") if num_processes is None else num_processes
+    process_id = _env_int("JAX_PROCESS_ID") if process_id is None else process_id
     if not coordinator and (num_processes or 1) == 1:
         return
     if not coordinator or num_processes is None or process_id is None:
@@ -270,6 +278,16 @@ def initialize_distributed(coordinator: str | None, num_processes: int | None, p
     if num_processes < 1 or not 0 <= process_id < num_processes:
         raise ConfigError(f"--process-id={process_id} must be in [0, --num-processes={num_processes})")
     jax.distributed.initialize(coordinator, num_processes, process_id)
+
+
+def _env_int(name: str) -> int | None:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={text!r} must be an integer") from None
 
 
 def is_primary() -> bool:
