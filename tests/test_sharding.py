@@ -56,7 +56,8 @@ def eight(tmp_path_factory):
 def dense_reference(tmp_path_factory):
     """The same dense run as the workers', trained here on one device by the unchanged plain-jit path."""
     workdir = tmp_path_factory.mktemp("dense1")
-    train.run(worker.dense_config(), workdir, quiet=True)
+    with jax.default_device(jax.devices("cpu")[0]):  # the workers' platform, also where a GPU is present
+        train.run(worker.dense_config(), workdir, quiet=True)
     return workdir
 
 
@@ -115,7 +116,7 @@ def test_moe_with_expert_parallelism_equals_one_device(eight):
 def _moe_initial_params():
     cfg = worker.moe_config()
     cfg.model.vocab_size = 120
-    return train.init_params(Decoder(cfg.model), cfg)
+    return init(cfg)
 
 
 def test_fsdp_and_expert_shards_really_split_the_weights(eight):
@@ -199,7 +200,8 @@ def loss_and_grads(cfg, params, batch):
 
 def moe_model(**model):
     """Returns a tiny one-layer MoE config (it holds attention, the float32 router and the experts)."""
-    return tiny_config(model={"n_layers": 1, "ffn": "moe", "moe.n_experts": 4, "vocab_size": 120, **model},
+    return tiny_config(model={"n_layers": 1, "ffn": "moe", "moe.n_experts": 4, "moe.dispatch": "einsum",
+                              "vocab_size": 120, **model},
                        train={"learning_rate": 3e-2, "warmup_steps": 1, "batch_size": 8, "steps": 12})
 
 
