@@ -45,7 +45,7 @@ class Runner:
         cfg = Config(model=cfg.model, train=cfg.train,
                      mesh=MeshConfig(**{"data": 1, axis: -1}) if axis != "data" else MeshConfig())
         model, tx = Decoder(cfg.model), train.make_optimizer(cfg.train)
-        self.layout = train.run_layout(model, cfg, tx, jax.devices()[:n_devices])
+        self.layout = train.run_layout(model, cfg, tx, train.run_mesh(cfg, jax.devices()[:n_devices]))
         self.step = sharding.jit_train_step(train.make_train_step(model, cfg, tx), self.layout)
         self.params, self.opt_state = sharding.init_state(lambda: train.init_params(model, cfg), tx, self.layout)
         self.batches = [sharding.global_batch(self.layout, b, cfg.train.batch_size) for b in batches]

@@ -1,7 +1,7 @@
 """The parts of tests/test_sharding.py that need several devices, run in a fresh process.
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharding_worker.py eight OUT_DIR
-    XLA_FLAGS=--xla_force_host_platform_device_count=2 python tests/sharding_worker.py two OUT_DIR
+    PYTHONPATH=. XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharding_worker.py eight OUT_DIR
+    PYTHONPATH=. XLA_FLAGS=--xla_force_host_platform_device_count=2 python tests/sharding_worker.py two OUT_DIR
 
 (the pytest process has already started JAX with one device). Results go to OUT_DIR as .npz files; the test
 process compares them with its own one-device runs. Every step is waited on: collectives of 8 simulated devices
@@ -49,7 +49,7 @@ def train_steps(cfg, devices, batches):
     cfg.model.vocab_size = 120
     model = Decoder(cfg.model)
     tx = train.make_optimizer(cfg.train)
-    layout = train.run_layout(model, cfg, tx, devices)
+    layout = train.run_layout(model, cfg, tx, train.run_mesh(cfg, devices))
     step = sharding.jit_train_step(train.make_train_step(model, cfg, tx), layout)
     if layout is None:  # the plain one-device step; init jitted as on a mesh (eager init: seconds of op compiles)
         params = jax.jit(lambda: train.init_params(model, cfg))()
@@ -96,7 +96,7 @@ def two(out: Path) -> None:
     cfg.model.vocab_size = 120
     model = Decoder(cfg.model)
     tx = train.make_optimizer(cfg.train)
-    layout = train.run_layout(model, cfg, tx)
+    layout = train.run_layout(model, cfg, tx, train.run_mesh(cfg))
 
     def target(shapes, shardings):
         return jax.tree.map(lambda s, where: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=where), shapes, shardings)

@@ -296,3 +296,15 @@ def test_mesh_sizes_resolve_and_bad_ones_are_named():
     for message, sections in cases.items():
         with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
             tiny_config(**sections)
+
+
+def test_a_mesh_bigger_than_the_devices_is_a_one_line_error_and_writes_nothing(tmp_path, capsys):
+    import launch
+
+    workdir = tmp_path / "run"
+    status = launch.main(["train", "--config", str(launch.QUICKSTART), "--workdir", str(workdir),
+                          "--config.mesh.data=2", "--config.train.batch_size=8"])
+    err = capsys.readouterr().err.strip()
+    assert status == 1 and err.startswith("error: ") and "\n" not in err
+    assert "mesh.data=2" in err and "needs 2 devices but 1 are available" in err
+    assert not workdir.exists()

@@ -136,13 +136,18 @@ def init_params(model: Decoder, cfg: Config):
     return model.init(jax.random.key(cfg.train.seed), dummy, state_features=features)["params"]
 
 
-def run_layout(model: Decoder, cfg: Config, tx: optax.GradientTransformation, devices=None):
-    """Returns where the run's arrays live on the mesh the config asks for (None on one device: plain jit)."""
+def run_mesh(cfg: Config, devices=None) -> jax.sharding.Mesh:
+    """Returns the mesh the config asks for over `devices` (default: all); a ConfigError if the run cannot split."""
     mesh = sharding.build_mesh(cfg.mesh, devices)
-    if mesh.size == 1:
-        return None
     sharding.check_divisible(mesh, batch_size=cfg.train.batch_size, d_model=cfg.model.d_model,
                              n_experts=cfg.model.moe.n_experts if cfg.model.ffn == "moe" else None)
+    return mesh
+
+
+def run_layout(model: Decoder, cfg: Config, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh):
+    """Returns where the run's arrays live on the mesh (None on one device: the plain jitted step)."""
+    if mesh.size == 1:
+        return None
     params_shape = jax.eval_shape(lambda: init_params(model, cfg))
     return sharding.make_layout(mesh, params_shape, jax.eval_shape(tx.init, params_shape))
 
@@ -172,13 +177,14 @@ def run(cfg: Config, workdir: str | Path, *, quiet: bool = False, until: int | N
     from toyjax import runs  # the workdir layout: tokenizer, data, samples, plots
 
     workdir = Path(workdir)
+    mesh = run_mesh(cfg)  # before anything is written: a mesh that does not fit the devices leaves no workdir
     primary = sharding.is_primary()  # the process that writes files and logs
     quiet = quiet or not primary
     cfg, tokenizer, streams, grammar = sharding.primary_first(
         lambda: runs.prepare(cfg, workdir, quiet=quiet, write=primary))
     model = Decoder(cfg.model)
     tx = make_optimizer(cfg.train)
-    layout = run_layout(model, cfg, tx)
+    layout = run_layout(model, cfg, tx, mesh)
     train_step = sharding.jit_train_step(make_train_step(model, cfg, tx, grammar), layout)
     eval_step = sharding.jit_eval_step(make_eval_step(model, cfg, grammar), layout)
     train_stream, valid_stream = streams
