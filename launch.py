@@ -1,6 +1,7 @@
 """The one entry point: python launch.py <command> ...
 
   train       --config experiments/configs/NAME.py --workdir DIR [--config.model.d_model=256 ...]
+              [--coordinator HOST:PORT --num-processes N --process-id I]   one of N processes (toyjax.sharding)
   quickstart  [--workdir DIR] [--config.KEY=VALUE ...]     the main job on the embedded corpus
   sample      WORKDIR [--prompt TEXT] [--n 4] [--temperature 0.8] [--top-k K] [--top-p P] [--greedy] [--free]
   inspect     WORKDIR [--samples 3] [--step N]
@@ -47,10 +48,15 @@ def cmd_train(argv: list[str]) -> None:
     parser.add_argument("--config", required=True, help="a config file, e.g. experiments/configs/quickstart.py")
     parser.add_argument("--workdir", required=True, help="where checkpoints, metrics and samples go (resumes if present)")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--coordinator", help="multi-process: HOST:PORT of process 0 (default $JAX_COORDINATOR_ADDRESS)")
+    parser.add_argument("--num-processes", type=int, help="multi-process: how many (default $JAX_NUM_PROCESSES)")
+    parser.add_argument("--process-id", type=int, help="multi-process: this one's rank (default $JAX_PROCESS_ID)")
     args = parser.parse_args(rest)
-    from toyjax import train
+    from toyjax import sharding, train
 
-    train.run(_config(args.config, overrides), args.workdir, quiet=args.quiet)
+    cfg = _config(args.config, overrides)
+    sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    train.run(cfg, args.workdir, quiet=args.quiet)
 
 
 def cmd_quickstart(argv: list[str]) -> None:

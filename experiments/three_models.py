@@ -42,7 +42,7 @@ from toyjax.checkpoints import CheckpointError
 from toyjax.config import Config, ConfigError
 from toyjax.data.text import CorpusError
 from toyjax.grammar import GrammarError
-from toyjax.models.decoder import Decoder
+from toyjax.models.decoder import Decoder, init_params
 from toyjax.train import NonFiniteLossError
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "three_models.py"
@@ -79,7 +79,7 @@ def arm_configs(base: Config) -> dict[str, Config]:
         # The vocabulary size comes from the tokenizer later; any stand-in builds the same parts.
         model_cfg = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or 8)
         try:
-            jax.eval_shape(lambda c=model_cfg: train.init_params(Decoder(c), cfg))
+            jax.eval_shape(lambda c=model_cfg: init_params(Decoder(c), cfg.train.seed))
         except (ValueError, TypeError) as err:
             raise ConfigError(f"{arm} arm: the model cannot be built from this config: {err}") from None
     return configs

@@ -4,6 +4,8 @@
     WORKDIR/checkpoints/<step>/opt_state
     WORKDIR/checkpoints/<step>/meta        <- JSON: step and the config that wrote it
 
+Arrays split over a device mesh are saved in pieces and restored into whatever shardings the caller's `params_like`
+asks for (one device when it gives none), so the device count may change between saving and restoring.
 Orbax writes each step into a temporary folder and renames it when complete, so a step is never half written.
 A step that is present but unreadable (corrupted on disk) is named in a warning and the previous one restores.
 """
@@ -113,7 +115,17 @@ def _check_same_shapes(path: Path, stored, expected) -> None:
 
 
 def _abstract(tree):
-    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+    """Returns the restore target: shapes, dtypes and where each array goes (this process's first device if unsaid).
+
+    The sharding comes from the target, never from the checkpoint, so a run saved on 8 devices restores on 1 or 2.
+    """
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def target(leaf):
+        leaf = ocp.utils.to_shape_dtype_struct(leaf)
+        return leaf if leaf.sharding is not None else jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=here)
+
+    return jax.tree.map(target, tree)
 
 
 def _describe(err: Exception) -> str:

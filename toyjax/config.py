@@ -1,4 +1,4 @@
-"""Typed experiment configs: sections data, tokenizer, model, train (and bert_adapt), every default in one place.
+"""Typed experiment configs: sections data, tokenizer, model, train, mesh (and bert_adapt), every default in one place.
 
 A config file is a Python file with a docstring (the command that runs it and what to expect) and a
 `get_config() -> Config`. Command-line overrides look like `--config.model.d_model=256`; values are parsed
@@ -95,6 +95,7 @@ class ModelConfig(_Section):
     moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
     grammar_state_embedding: bool = False  # add embedded grammar-state features to the inputs
     grammar_feature_sizes: tuple[int, ...] = ()  # filled in from the compiled grammar
+    remat: bool = False  # recompute each block's activations in the backward pass: less memory, ~1/3 more compute
 
 
 @dataclasses.dataclass
@@ -140,12 +141,23 @@ class BertAdaptConfig(_Section):
 
 
 @dataclasses.dataclass
+class MeshConfig(_Section):
+    """How many ways each device-mesh axis splits the work (see toyjax.sharding); -1 = the devices left over."""
+
+    key_prefix = "mesh."
+    data: int = -1  # splits the batch
+    fsdp: int = 1  # splits the batch, and params and optimizer state along d_model
+    expert: int = 1  # splits the batch, and MoE expert weights along their expert axis
+
+
+@dataclasses.dataclass
 class Config(_Section):
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = dataclasses.field(default_factory=TokenizerConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     bert_adapt: BertAdaptConfig = dataclasses.field(default_factory=BertAdaptConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -409,6 +421,31 @@ def _cross_field_problems(config: Config) -> list[str]:
         if get_key(config, key) == wanted and data.source not in GRAMMAR_SOURCES:
             problems.append(f"{key}={wanted!r} needs a grammar: set data.source to one of "
                             f"{', '.join(map(repr, GRAMMAR_SOURCES))} (got {data.source!r})")
+    return problems + _mesh_problems(config)
+
+
+def _mesh_problems(config: Config) -> list[str]:
+    """Returns what the mesh sizes get wrong that is knowable without devices (toyjax.sharding checks the rest)."""
+    mesh, model = config.mesh, config.model
+    sizes = {f"mesh.{axis}": getattr(mesh, axis) for axis in ("data", "fsdp", "expert")}
+    problems = [f"{key}={size} must be >= 1, or -1 for the devices the other axes leave"
+                for key, size in sizes.items() if size == 0 or size < -1]
+    if list(sizes.values()).count(-1) > 1:
+        problems.append(f"only one mesh axis may be -1, got {', '.join(f'{k}={v}' for k, v in sizes.items())}")
+    if problems:
+        return problems
+    if mesh.fsdp > 1 and model.d_model % mesh.fsdp:
+        problems.append(f"mesh.fsdp={mesh.fsdp} must divide model.d_model={model.d_model} (FSDP splits that axis)")
+    if mesh.expert != 1 and model.ffn != "moe":
+        problems.append(f"mesh.expert={mesh.expert} splits MoE experts but model.ffn={model.ffn!r}; "
+                        "use mesh.data to split the batch")
+    elif mesh.expert > 1 and model.moe.n_experts % mesh.expert:
+        problems.append(f"mesh.expert={mesh.expert} must divide model.moe.n_experts={model.moe.n_experts}")
+    if -1 not in sizes.values():
+        ways = mesh.data * mesh.fsdp * mesh.expert
+        if config.train.batch_size % ways:
+            problems.append(f"train.batch_size={config.train.batch_size} must be divisible by mesh.data x mesh.fsdp "
+                            f"x mesh.expert = {ways} (every mesh axis splits the batch)")
     return problems
 
 

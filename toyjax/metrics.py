@@ -92,3 +92,13 @@ class MetricsWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class NullMetricsWriter:
+    """Takes records and writes nothing: the metrics writer of every process but the first in a multi-process run."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

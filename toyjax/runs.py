@@ -62,8 +62,11 @@ def _check_workdir(workdir: Path) -> None:
                                      "give a new directory or one that holds a run")
 
 
-def prepare(cfg: Config, workdir: Path, *, quiet: bool = False):
-    """Returns (config, tokenizer, (train_stream, valid_stream), grammar tables or None) for a workdir."""
+def prepare(cfg: Config, workdir: Path, *, quiet: bool = False, write: bool = True):
+    """Returns (config, tokenizer, (train_stream, valid_stream), grammar tables or None) for a workdir.
+
+    write=False reads the workdir without writing to it (every process but the first of a multi-process run).
+    """
     from toyjax.tokenizers import load_tokenizer
 
     cfg = config_lib.from_dict(cfg.to_dict())  # a private copy: filling in sizes must not touch the caller's
@@ -94,10 +97,11 @@ def prepare(cfg: Config, workdir: Path, *, quiet: bool = False):
             raise config_lib.ConfigError(f"{workdir} holds a different run; use another --workdir or the same config:\n  "
                                          + "\n  ".join(problems))
     # Only now, with the config, corpus, tokenizer and grammar all usable, does the workdir get written.
-    workdir.mkdir(parents=True, exist_ok=True)
-    if fit_here:
-        tokenizer.save(tokenizer_dir)
-    config_lib.save(cfg, saved_path)
+    if write:
+        workdir.mkdir(parents=True, exist_ok=True)
+        if fit_here:
+            tokenizer.save(tokenizer_dir)
+        config_lib.save(cfg, saved_path)
     log(f"tokens: {len(streams[0].tokens):,} train, {len(streams[1].tokens):,} valid; vocab {tokenizer.vocab_size}", quiet)
     return cfg, tokenizer, streams, grammar
 

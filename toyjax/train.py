@@ -1,8 +1,9 @@
 """Training: a pure, jitted train step (AdamW, warm-up + cosine, clipping) and a loop that resumes from its workdir.
 
 The step is `train_step(params, opt_state, batch, key) -> (params, opt_state, metrics)`: arrays in, arrays out,
-no Python state, so a device mesh can wrap it unchanged (jax.jit with in/out shardings). Batches depend only on
-(train.seed, step) and the step's randomness on fold_in(seed, step), so a resumed run repeats the uninterrupted one.
+no Python state, so a device mesh wraps it unchanged (jax.jit with in/out shardings, see toyjax.sharding). Batches
+depend only on (train.seed, step) and the step's randomness on fold_in(seed, step), so a resumed run repeats the
+uninterrupted one, on any number of devices or processes.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from toyjax import report, runs
+from toyjax import report, runs, sharding
 from toyjax.checkpoints import Checkpoints
 from toyjax.config import Config, TrainConfig
 from toyjax.data.run_data import scored_batches
-from toyjax.metrics import MetricsWriter
+from toyjax.metrics import MetricsWriter, NullMetricsWriter
 from toyjax.models.decoder import Decoder, init_params
 
 
@@ -135,6 +136,22 @@ def make_eval_step(model: Decoder, cfg: Config, grammar=None) -> Callable:
     return eval_step
 
 
+def run_mesh(cfg: Config, devices=None) -> jax.sharding.Mesh:
+    """Returns the mesh the config asks for over `devices` (default: all); a ConfigError if the run cannot split."""
+    mesh = sharding.build_mesh(cfg.mesh, devices)
+    sharding.check_divisible(mesh, batch_size=cfg.train.batch_size, d_model=cfg.model.d_model,
+                             n_experts=cfg.model.moe.n_experts if cfg.model.ffn == "moe" else None)
+    return mesh
+
+
+def run_layout(model: Decoder, cfg: Config, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh):
+    """Returns where the run's arrays live on the mesh (None on one device: the plain jitted step)."""
+    if mesh.size == 1:
+        return None
+    params_shape = jax.eval_shape(lambda: init_params(model, cfg.train.seed))
+    return sharding.make_layout(mesh, params_shape, jax.eval_shape(tx.init, params_shape))
+
+
 def step_key(seed: int, step: int) -> jax.Array:
     return jax.random.fold_in(jax.random.key(seed), step)
 
@@ -158,24 +175,30 @@ def run(cfg: Config, workdir: str | Path, *, quiet: bool = False, until: int | N
     until: stop (with a checkpoint) after this step, as a pre-empted job would; the next call resumes there.
     """
     workdir = Path(workdir)
-    cfg, tokenizer, streams, grammar = runs.prepare(cfg, workdir, quiet=quiet)
+    mesh = run_mesh(cfg)  # before anything is written: a mesh that does not fit the devices leaves no workdir
+    primary = sharding.is_primary()  # the process that writes files and logs
+    quiet = quiet or not primary
+    cfg, tokenizer, streams, grammar = sharding.primary_first(
+        lambda: runs.prepare(cfg, workdir, quiet=quiet, write=primary))
     model = Decoder(cfg.model)
     tx = make_optimizer(cfg.train)
-    train_step = jax.jit(make_train_step(model, cfg, tx, grammar), donate_argnums=(0, 1))
-    eval_step = jax.jit(make_eval_step(model, cfg, grammar))
+    layout = run_layout(model, cfg, tx, mesh)
+    train_step = sharding.jit_train_step(make_train_step(model, cfg, tx, grammar), layout)
+    eval_step = sharding.jit_eval_step(make_eval_step(model, cfg, grammar), layout)
     train_stream, valid_stream = streams
     length, batch_size = cfg.model.max_len, cfg.train.batch_size
-    valid_batches = scored_batches(cfg, valid_stream)
+    valid_batches = [sharding.eval_batch(layout, b) for b in scored_batches(cfg, valid_stream)]
+    my_rows = sharding.process_rows(layout, batch_size)
 
-    params = init_params(model, cfg.train.seed)
-    opt_state = tx.init(params)
+    params, opt_state = sharding.init_state(lambda: init_params(model, cfg.train.seed), tx, layout)
     checkpoints = Checkpoints(workdir / "checkpoints", keep=cfg.train.keep_checkpoints)
     start, restored_step, pending = 0, None, []
     if checkpoints.latest_step() is not None:
         start, params, opt_state, meta = checkpoints.restore(params_like=params, opt_state_like=opt_state)
         restored_step, pending = start, meta.get(UNLOGGED_METRICS, [])
         runs.log(f"resuming from step {start} in {workdir}", quiet)
-    metrics = MetricsWriter(workdir, restored_step=restored_step)  # drops records a killed run wrote after `start`
+    # Drops records a killed run wrote after `start`.
+    metrics = MetricsWriter(workdir, restored_step=restored_step) if primary else NullMetricsWriter()
     last_good = checkpoints.latest_step()
     all_finite = jnp.asarray(True)
     log_since = start - len(pending)
@@ -185,8 +208,11 @@ def run(cfg: Config, workdir: str | Path, *, quiet: bool = False, until: int | N
     stop = min(cfg.train.steps, until) if until is not None else cfg.train.steps
     try:
         for step in range(start, stop):
-            batch = train_stream.batch(step, seed=cfg.train.seed, batch_size=batch_size, length=length)
+            rows = train_stream.batch(step, seed=cfg.train.seed, batch_size=batch_size, length=length, rows=my_rows)
+            batch = sharding.global_batch(layout, rows, batch_size)
             params, opt_state, step_metrics = train_step(params, opt_state, batch, step_key(cfg.train.seed, step))
+            if layout is not None and layout.wait_each_step:
+                jax.block_until_ready(params)
             all_finite = all_finite & step_metrics.pop("finite")
             pending.append(step_metrics)
             done = step + 1
@@ -218,8 +244,10 @@ def run(cfg: Config, workdir: str | Path, *, quiet: bool = False, until: int | N
     result["step"] = max(stop, start)
     if stop < cfg.train.steps:
         return result
-    result["tokens_per_s"] = runs.mean_throughput(workdir)
-    report.finish(cfg, workdir, model, params, tokenizer, grammar, result, quiet=quiet)
+    params = sharding.host_copy(params)  # every process takes part; then process 0 samples alone
+    if primary:
+        result["tokens_per_s"] = runs.mean_throughput(workdir)
+        report.finish(cfg, workdir, model, params, tokenizer, grammar, result, quiet=quiet)
     return result
 
 

@@ -88,12 +88,16 @@ class TokenStream:
             batch[name] = values[index[:, :-1]]
         return batch
 
-    def batch(self, step: int, *, seed: int, batch_size: int, length: int) -> dict[str, np.ndarray]:
-        """Returns the training batch for `step`: random windows drawn from a generator seeded by (seed, step)."""
+    def batch(self, step: int, *, seed: int, batch_size: int, length: int,
+              rows: slice | None = None) -> dict[str, np.ndarray]:
+        """Returns the training batch for `step`: random windows drawn from a generator seeded by (seed, step).
+
+        rows: only these rows of that batch (a process's share on a multi-process mesh); the same windows either way.
+        """
         if self.window_count(length) <= 0:
             raise ValueError(f"the training stream has {len(self.tokens)} tokens, fewer than one window of {length + 1}")
         starts = np.random.default_rng([seed, step]).integers(0, self.window_count(length) + 1, batch_size)
-        return self._gather(starts, length)
+        return self._gather(starts if rows is None else starts[rows], length)
 
     def eval_batches(self, n_batches: int, *, batch_size: int, length: int) -> list[dict[str, np.ndarray]]:
         """Returns fixed, evenly spaced windows covering the stream (the same every evaluation)."""

@@ -48,7 +48,7 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, *, deterministic: bool, decode: bool = False):
+    def __call__(self, x, positions, deterministic: bool, decode: bool = False):  # positional: nn.remat
         cfg = self.cfg
         x = HookPoint(name="hook_resid_pre")(x)
         h = SelfAttention(cfg, name="attention")(nn.LayerNorm(name="ln_attention")(x), positions, decode=decode)
@@ -99,8 +99,9 @@ class Decoder(nn.Module):
                 x = x + nn.Embed(size, cfg.d_model, embedding_init=nn.initializers.normal(0.02),
                                  name=f"grammar_feature_{i}")(state_features[..., i])
         x = nn.Dropout(cfg.dropout)(x.astype(dtype), deterministic=deterministic)
+        block = nn.remat(Block, static_argnums=(3, 4)) if cfg.remat else Block  # model.remat: jax.checkpoint each block
         for i in range(cfg.n_layers):
-            x = Block(cfg, name=f"block_{i}")(x, positions, deterministic=deterministic, decode=decode)
+            x = block(cfg, name=f"block_{i}")(x, positions, deterministic, decode)
         x = HookPoint(name="ln_final_hook_normalized")(nn.LayerNorm(name="ln_final")(x))
         if cfg.tie_embeddings:
             logits = embed.attend(x.astype(jnp.float32))
