@@ -159,3 +159,12 @@ def test_checker_accepts_a_package_init_importing_its_submodules(tmp_path):
     graph = import_graph(tmp_path, "pkg")
     assert graph == {"pkg": {"pkg.a", "pkg.b"}, "pkg.a": {"pkg.b"}, "pkg.b": set()}
     assert find_cycle(graph) is None
+
+
+def test_the_everyday_api_resolves_from_the_package():
+    import toyjax
+
+    for name in toyjax.__all__:
+        assert getattr(toyjax, name) is not None
+    with pytest.raises(AttributeError, match="no attribute 'lod_run'"):
+        toyjax.lod_run  # noqa: B018
