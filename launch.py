@@ -165,12 +165,6 @@ COMMANDS = {"train": cmd_train, "quickstart": cmd_quickstart, "sample": cmd_samp
             "bert-adapt": cmd_bert_adapt, "compare": cmd_compare, "sweep": cmd_sweep, "fuzz": cmd_fuzz}
 
 
-def one_line(message: str) -> str:
-    """Returns a message on one line: its first line, then any further lines (e.g. a list) joined by '; '."""
-    first, *rest = [line.strip() for line in str(message).splitlines() if line.strip()] or [""]
-    return " ".join([first, "; ".join(rest)]) if rest else first
-
-
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
@@ -179,20 +173,9 @@ def main(argv: list[str]) -> int:
         print(__doc__, file=sys.stderr)
         print(f"error: unknown command {argv[0]!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    from toyjax.checkpoints import CheckpointError
-    from toyjax.config import ConfigError
-    from toyjax.data.text import CorpusError
-    from toyjax.grammar import GrammarError
-    from toyjax.sample import SamplingError
-    from toyjax.train import NonFiniteLossError
+    from toyjax.cli import run_reporting_errors
 
-    try:
-        COMMANDS[argv[0]](argv[1:])
-    except (ConfigError, CorpusError, CheckpointError, GrammarError, NonFiniteLossError, SamplingError,
-            FileNotFoundError) as err:
-        print(f"error: {one_line(err)}", file=sys.stderr)
-        return 1
-    return 0
+    return run_reporting_errors(COMMANDS[argv[0]], argv[1:])
 
 
 if __name__ == "__main__":

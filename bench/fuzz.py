@@ -1,6 +1,6 @@
 """Fuzzer candidate evaluations per second: batched (one BERT call, batched decoder calls) vs one at a time.
 
-    PYTHONPATH=. python bench/fuzz.py [--probes 6 --candidates 3]
+    python bench/fuzz.py [--probes 6 --candidates 3]
 
 A candidate evaluation = one edit scored by the masked LM (its log-prob at the mask) and its edited probe
 scored by the target decoder. Batched: toyjax.fuzz.score_edits (every masked position of every probe in one

@@ -1,9 +1,9 @@
 """Full layer × position residual-stream patching: vectorised (toyjax.interp.patch_activation) against the
 one-run-per-index Python loop, side by side in one run, compile time reported apart from run time.
 
-    PYTHONPATH=. python bench/patching.py              # quickstart-sized model (d_model 128, 4 layers, 4 heads,
+    python bench/patching.py              # quickstart-sized model (d_model 128, 4 layers, 4 heads,
                                                        # vocab 160), 128 positions: 512 patched runs
-    PYTHONPATH=. python bench/patching.py --quick      # 32 positions
+    python bench/patching.py --quick      # 32 positions
 
 Both sides are jitted and share the clean and corrupted caches' definition. The loop is the fair baseline: one
 compiled hooked forward pass per layer (the position is an argument, so it compiles once per layer), called once

@@ -1,7 +1,7 @@
 """KV-cache vs full-rerun sampling: generated tokens/s of both samplers, side by side in one run.
 
-    PYTHONPATH=. python bench/sampling.py            # d_model 128, 4 layers, 4 heads, vocab 160, batch 8, L = 128, 512
-    PYTHONPATH=. python bench/sampling.py --quick    # a smoke run with a tiny model
+    python bench/sampling.py            # d_model 128, 4 layers, 4 heads, vocab 160, batch 8, L = 128, 512
+    python bench/sampling.py --quick    # a smoke run with a tiny model
 
 At each buffer length L, toyjax.sample.sample generates the last G tokens (default 64) of every row after a random
 prompt of L - G tokens, once per method on the same random-init decoder and key:

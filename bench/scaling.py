@@ -1,9 +1,9 @@
 """Step time and tokens/s of the same training step on 1, 2, 4 and 8 simulated CPU devices, side by side.
 
-    PYTHONPATH=. python bench/scaling.py                 # data parallel, a small dense decoder
-    PYTHONPATH=. python bench/scaling.py --mesh fsdp     # the same devices as an FSDP axis
-    PYTHONPATH=. python bench/scaling.py --moe --mesh expert
-    PYTHONPATH=. python bench/scaling.py --quick         # smoke run
+    python bench/scaling.py                 # data parallel, a small dense decoder
+    python bench/scaling.py --mesh fsdp     # the same devices as an FSDP axis
+    python bench/scaling.py --moe --mesh expert
+    python bench/scaling.py --quick         # smoke run
 
 Simulated devices (--xla_force_host_platform_device_count) share this machine's cores, so more devices cannot
 be faster here: this measures the overhead of the mesh (partitioned program, collectives), not a speed-up.

@@ -1,6 +1,6 @@
 """Fuzz the three models of the comparison experiment (dense, top-k, MoE) and say where each breaks first.
 
-    PYTHONPATH=. python experiments/fuzz_three_models.py --bert runs/bert_adapt/hf \
+    python experiments/fuzz_three_models.py --bert runs/bert_adapt/hf \
         [runs/three_models/dense runs/three_models/topk runs/three_models/moe] [--out runs/fuzz_three_models]
 
 Needs the three runs of experiments/three_models.py and a BERT folder with an MLM head
@@ -16,7 +16,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-import launch
+from toyjax import fuzz_report
+from toyjax.cli import run_reporting_errors
 
 DEFAULT_RUNS = ["runs/three_models/dense", "runs/three_models/topk", "runs/three_models/moe"]
 SETTINGS = ["--n-probes", "8", "--budget", "60", "--max-edits", "3", "--beam-width", "3", "--candidates", "3"]
@@ -28,8 +29,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--bert", default=None, help="BERT folder with an MLM head (default: $TOYJAX_BERT)")
     parser.add_argument("--out", default="runs/fuzz_three_models")
     args = parser.parse_args(argv)
-    return launch.main(["fuzz", *(args.runs or DEFAULT_RUNS), "--out", args.out, *SETTINGS]
-                       + (["--bert", args.bert] if args.bert else []))
+    return run_reporting_errors(fuzz_report.main, [*(args.runs or DEFAULT_RUNS), "--out", args.out, *SETTINGS]
+                                + (["--bert", args.bert] if args.bert else []))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Three models, one tokenization: trains a dense, a top-k attention and an MoE decoder, compares them, and writes
 which latent-fact probe families separate them.
 
-    PYTHONPATH=. python experiments/three_models.py --out runs/three_models \
+    python experiments/three_models.py --out runs/three_models \
         [--n-examples 200 --n-probes 100 --config.KEY=VALUE ...]
 
 Arms (experiments/configs/three_models.py, overrides apply to all three; each arm differs in one part):
@@ -38,12 +38,9 @@ import jax
 import numpy as np
 
 from toyjax import compare, config as config_lib, load_run, probes as probes_lib, train
-from toyjax.checkpoints import CheckpointError
+from toyjax.cli import run_reporting_errors
 from toyjax.config import Config, ConfigError
-from toyjax.data.text import CorpusError
-from toyjax.grammar import GrammarError
 from toyjax.models.decoder import Decoder, init_params
-from toyjax.train import NonFiniteLossError
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "three_models.py"
 ARMS = ("dense", "topk", "moe")
@@ -51,7 +48,6 @@ PER_ARM_KEYS = ("model.attention", "model.ffn")  # set by the script, one per ar
 SEPARATION_SE = 2.0  # a family separates two models when their accuracy gap exceeds this many standard errors
 EXAMPLES_PER_FAMILY = 3
 HARD_EXAMPLES = 3  # per model, and for "hard for all"
-USER_ERRORS = (ConfigError, CorpusError, CheckpointError, GrammarError, NonFiniteLossError, FileNotFoundError)
 
 
 # -- the arms -------------------------------------------------------------------------------------------------
@@ -344,12 +340,7 @@ def run_experiment(argv: list[str]) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        run_experiment(sys.argv[1:] if argv is None else argv)
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    return run_reporting_errors(run_experiment, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

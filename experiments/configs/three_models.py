@@ -1,11 +1,11 @@
 """Three models, one tokenization: dense, top-k attention and MoE decoders compared on held-out stories and probes.
 
-PYTHONPATH=. python experiments/three_models.py --out runs/three_models [--n-probes 100 --config.KEY=V ...]
+python experiments/three_models.py --out runs/three_models [--n-probes 100 --config.KEY=V ...]
 This file is the dense arm and holds every arm's settings; the script derives the other two by switching one part:
   topk   model.attention = "topk" (model.attention_top_k = 8 keys per query)
   moe    model.ffn = "moe": 4 experts, noisy top-2 gating, each expert d_ff = d_ff / 2, so the active feed-forward
-         parameters per token equal the dense arm's. Dropless (capacity_factor 0): a capacity factor > 0 would
-         let a token's routing depend on later tokens until the MoE capacity rule is made causal.
+         parameters per token equal the dense arm's. Dropless (capacity_factor 0), so the three arms differ only
+         in their parts, not in dropped tokens.
 The quickstart model (d_model 128, 4 layers, 128-token windows, 160-word vocabulary on 6,000 stories) with 500
 steps per arm instead of 1,000. The 160-word vocabulary keeps every name, object and place of the stories (only
 rare synonyms are simplified), so every probe is expressible.

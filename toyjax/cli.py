@@ -1,0 +1,39 @@
+"""How a command-line entry point reports bad input: one `error: ...` line on stderr and exit status 1.
+
+launch.py and the experiment scripts run their work through `run_reporting_errors`, so a user's mistake (a bad
+config value, a missing file, a damaged checkpoint) never ends in a traceback, while a programming error still does.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Returns the exception types that mean "the input was wrong", imported on demand (they pull in JAX)."""
+    from toyjax.checkpoints import CheckpointError
+    from toyjax.config import ConfigError
+    from toyjax.data.text import CorpusError
+    from toyjax.grammar import GrammarError
+    from toyjax.sample import SamplingError
+    from toyjax.train import NonFiniteLossError
+
+    return (ConfigError, CorpusError, CheckpointError, GrammarError, NonFiniteLossError, SamplingError,
+            FileNotFoundError)
+
+
+def one_line(message: object) -> str:
+    """Returns a message on one line: its first line, then any further lines (e.g. a list) joined by '; '."""
+    first, *rest = [line.strip() for line in str(message).splitlines() if line.strip()] or [""]
+    return " ".join([first, "; ".join(rest)]) if rest else first
+
+
+def run_reporting_errors(fn: Callable, *args) -> int:
+    """Returns 0 after fn(*args), or 1 after printing `error: <message>` for a user error (others propagate)."""
+    try:
+        fn(*args)
+    except user_errors() as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        return 1
+    return 0
