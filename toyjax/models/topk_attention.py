@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from toyjax.models.registry import register_attention
 
 _BACKWARD_CHUNK = 32  # queries per backward step: 4 gathers of [32, k, head_dim] per head stay small
+_SELECTION_BLOCK = 16  # keys per block of the block-maxima pre-filter (see block_prefiltered_top_k)
 
 
 def _check_inputs(q, k, v, top_k, query_chunk):
@@ -75,6 +76,40 @@ def _masked_scores(q_chunk, k_block, positions, key_positions, *, causal, offset
     return jnp.where(visible, scores, -jnp.inf)
 
 
+def block_prefiltered_top_k(scores, top_k, *, block_size=16, approx=False):
+    """Returns (values, indices) equal to jax.lax.top_k(scores, top_k), found in two smaller top-k calls.
+
+    lax.top_k on CPU pays a fixed cost per row plus a cost per element; a causal score row is long (L keys), so
+    the row is first cut into blocks of block_size keys and reduced to its block maxima:
+
+        1. top_k over the block maxima picks top_k blocks (ties: the lower block index, as lax.top_k does);
+        2. those blocks' scores, gathered in ascending key order, are the top_k · block_size candidates;
+        3. top_k over the candidates gives the answer, with ascending order keeping lax.top_k's tie-breaking.
+
+    Why the top_k keys overall lie in the chosen blocks. Order keys by (score descending, index ascending), the
+    order lax.top_k keeps; let T be the smallest block maximum chosen. Take a key x in a block B not chosen, so
+    max(B) <= T. Each chosen block C holds its maximum key c with score(c) >= T >= score(x). If score(c) > score(x)
+    c ranks above x; if they are equal, then score(x) = max(B) = T = max(C) is a tie that step 1 broke for C, so C
+    comes before B, c's index is below x's, and c still ranks above x. So top_k distinct keys rank above x, and x
+    is not among the top_k. Masked keys score -inf: they are chosen only when a row holds fewer than top_k
+    finite scores, exactly as lax.top_k would, and at the same (lowest) indices.
+    """
+    length = scores.shape[-1]
+    n_blocks = -(-length // block_size)
+    if n_blocks <= top_k or top_k * block_size >= length:  # no saving: the candidates would be the whole row
+        return _top_k(scores, top_k, approx)
+    # Padding scores -inf at the highest indices: they rank below every real key, -inf ones included.
+    pad = [(0, 0)] * (scores.ndim - 1) + [(0, n_blocks * block_size - length)]
+    blocks = jnp.pad(scores, pad, constant_values=-jnp.inf).reshape(scores.shape[:-1] + (n_blocks, block_size))
+    _, chosen_blocks = _top_k(jnp.max(blocks, axis=-1), top_k, approx)
+    chosen_blocks = jnp.sort(chosen_blocks, axis=-1)  # ascending key order, so ties break as in one lax.top_k
+    candidates = jnp.take_along_axis(blocks, chosen_blocks[..., None], axis=-2)  # [..., top_k, block_size]
+    candidate_indices = chosen_blocks[..., None] * block_size + jnp.arange(block_size, dtype=chosen_blocks.dtype)
+    flat = scores.shape[:-1] + (top_k * block_size,)
+    values, slots = _top_k(candidates.reshape(flat), top_k, approx)
+    return values, jnp.take_along_axis(candidate_indices.reshape(flat), slots, axis=-1)
+
+
 def _top_k(scores, top_k, approx):
     return jax.lax.approx_max_k(scores, top_k) if approx else jax.lax.top_k(scores, top_k)
 
@@ -83,41 +118,35 @@ def _kept_full_rows(q_chunk, positions, k, *, top_k, causal, offset, approx):
     """Returns (kept scores, key indices) [batch, heads, chunk, top_k] from one [chunk, L] score matrix."""
     n_keys = k.shape[1]
     scores = _masked_scores(q_chunk, k, positions, jnp.arange(n_keys), causal=causal, offset=offset, n_keys=n_keys)
-    return _top_k(scores, top_k, approx)
+    return block_prefiltered_top_k(scores, top_k, block_size=_SELECTION_BLOCK, approx=approx)
 
 
 def _kept_streamed(q_chunk, positions, k, *, top_k, causal, offset, approx, key_block):
-    """Same as _kept_full_rows, streaming over key blocks with a running top-k (O(chunk·key_block) memory).
+    """Same as _kept_full_rows, computing only the key blocks of key_block keys that the chunk can see.
 
-    Causal chunks stop at the last key block they can see, which halves the work of a causal layer.
+    The [chunk, L] scores are written block by block into a -inf buffer; a causal chunk stops at the last key
+    block it can see, which halves the matmul work of a causal layer. One selection over the whole buffer then
+    costs far less than merging a running top-k after every block (lax.top_k's cost per row dominates).
     """
     n_keys = k.shape[1]
     n_blocks = -(-n_keys // key_block)
     k = jnp.pad(k, [(0, 0), (0, n_blocks * key_block - n_keys), (0, 0), (0, 0)])
     batch, heads, chunk, _ = q_chunk.shape
-    init = (
-        jnp.full((batch, heads, chunk, top_k), -jnp.inf, _accumulation_dtype(q_chunk)),
-        jnp.full((batch, heads, chunk, top_k), -1, jnp.int32),
-    )
+    init = jnp.full((batch, heads, chunk, n_blocks * key_block), -jnp.inf, _accumulation_dtype(q_chunk))
 
-    def merge_block(block, running):
-        best_scores, best_indices = running
+    def write_block(block, scores):
         key_positions = block * key_block + jnp.arange(key_block)
         k_block = jax.lax.dynamic_slice_in_dim(k, block * key_block, key_block, axis=1)
-        scores = _masked_scores(
+        block_scores = _masked_scores(
             q_chunk, k_block, positions, key_positions, causal=causal, offset=offset, n_keys=n_keys
         )
-        candidates = jnp.concatenate([best_scores, scores], axis=-1)
-        candidate_indices = jnp.concatenate(
-            [best_indices, jnp.broadcast_to(key_positions, scores.shape).astype(jnp.int32)], axis=-1
-        )
-        kept_scores, slots = _top_k(candidates, top_k, approx)
-        return kept_scores, jnp.take_along_axis(candidate_indices, slots, axis=-1)
+        return jax.lax.dynamic_update_slice_in_dim(scores, block_scores, block * key_block, axis=3)
 
     n_needed = n_blocks
     if causal:
         n_needed = jnp.minimum(n_blocks, (jnp.max(positions) + offset) // key_block + 1)
-    return jax.lax.fori_loop(0, n_needed, merge_block, init)
+    scores = jax.lax.fori_loop(0, n_needed, write_block, init)
+    return block_prefiltered_top_k(scores, top_k, block_size=_SELECTION_BLOCK, approx=approx)
 
 
 def _kept_weights(kept_scores, indices, positions, *, causal, offset, n_keys):
