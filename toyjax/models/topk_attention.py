@@ -13,11 +13,14 @@ This is the exact gradient of the top-k function (the selection itself is piecew
 O(L·k·d) instead of autodiff's O(L²·d) (autodiff would scatter into dense [L, L] score cotangents and multiply
 them back through q·kᵀ), and it never has to recompute the scores.
 
-With `query_chunk`, the forward runs query chunks under `lax.map`, each streaming over key blocks of
-4·query_chunk keys with a running top-k (a causal chunk stops at its last visible block, halving the work), and
-the backward runs chunks of at most 32 queries under `lax.fori_loop`. Peak memory is then O(chunk² + chunk·k·d + L·k
-+ L·d) in both passes: no [chunk, L] array, let alone [L, L], ever exists. (`_topk_attention_autodiff` below is
-the plain version: autodiff with `jax.checkpoint` per chunk, kept for the benchmark that measures the difference.)
+With `query_chunk`, the forward runs query chunks under `lax.map`; each writes its scores, key block by key
+block (4·query_chunk keys each), into one [chunk, L] buffer, a causal chunk stopping at its last visible block
+(halving the work), and selects once with `block_prefiltered_top_k`: an exact top-k that calls `lax.top_k` on
+the row's block maxima and then on the keys of the best blocks only, since `lax.top_k` on CPU costs a lot per
+row and per element. The backward runs chunks of at most 32 queries under `lax.fori_loop`. Peak memory is then
+O(chunk·L + chunk·k·d + L·k + L·d) in both passes (1/32 of the [L, L] scores at L=4096 with chunk 128).
+(`_topk_attention_autodiff` below is the plain version: autodiff with `jax.checkpoint` per chunk, kept for the
+benchmark that measures the difference.)
 """
 
 from __future__ import annotations
@@ -268,7 +271,7 @@ def topk_attention(q, k, v, *, top_k, causal=True, query_chunk=None, approx=Fals
     chunk = q.shape[1] if query_chunk is None else min(query_chunk, q.shape[1])
     to_heads_first = lambda x: jnp.transpose(x, (0, 2, 1, 3))  # noqa: E731
     q_t = to_heads_first(q) * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
-    # Chunked: stream keys in blocks of 4 chunks, so no [chunk, L] array exists either (see _kept_streamed).
+    # Chunked: score keys in blocks of 4 chunks, skipping the blocks a causal chunk cannot see (_kept_streamed).
     key_block = None if query_chunk is None or 4 * chunk >= k.shape[1] else 4 * chunk
     out, indices, weights = _topk_core(q_t, k, v, top_k, causal, chunk, key_block, approx)
     out = to_heads_first(out)
