@@ -107,10 +107,10 @@ def block_prefiltered_top_k(scores, top_k, *, block_size=16, approx=False):
     _, chosen_blocks = _top_k(jnp.max(blocks, axis=-1), top_k, approx)
     chosen_blocks = jnp.sort(chosen_blocks, axis=-1)  # ascending key order, so ties break as in one lax.top_k
     candidates = jnp.take_along_axis(blocks, chosen_blocks[..., None], axis=-2)  # [..., top_k, block_size]
-    candidate_indices = chosen_blocks[..., None] * block_size + jnp.arange(block_size, dtype=chosen_blocks.dtype)
-    flat = scores.shape[:-1] + (top_k * block_size,)
-    values, slots = _top_k(candidates.reshape(flat), top_k, approx)
-    return values, jnp.take_along_axis(candidate_indices.reshape(flat), slots, axis=-1)
+    values, slots = _top_k(candidates.reshape(scores.shape[:-1] + (top_k * block_size,)), top_k, approx)
+    # Candidate slot s is key block_size·chosen_blocks[s // block_size] + s % block_size (no index array needed).
+    block_of_slot = jnp.take_along_axis(chosen_blocks, slots // block_size, axis=-1)
+    return values, block_of_slot * block_size + slots % block_size
 
 
 def _top_k(scores, top_k, approx):
@@ -196,10 +196,13 @@ def _topk_core(q_t, k, v, top_k, causal, chunk, key_block, approx):
 def _topk_forward(q_t, k, v, top_k, causal, chunk, key_block, approx):
     length, n_keys = q_t.shape[2], k.shape[1]
     offset = n_keys - length
-    positions = _chunked(jnp.arange(length)[None, None], chunk)[:, 0, 0]  # [n_chunks, chunk]
+    n_chunks = -(-length // chunk)
+    q_padded = jnp.pad(q_t, [(0, 0), (0, 0), (0, n_chunks * chunk - length), (0, 0)])
 
-    def one_chunk(args):
-        q_chunk, chunk_positions = args
+    def one_chunk(i):
+        # Sliced here rather than pre-chunked: a chunked copy of q would be one more [b, h, L, d] buffer.
+        q_chunk = jax.lax.dynamic_slice_in_dim(q_padded, i * chunk, chunk, axis=2)
+        chunk_positions = i * chunk + jnp.arange(chunk)
         options = dict(top_k=top_k, causal=causal, offset=offset, approx=approx)
         if key_block is None:
             kept_scores, indices = _kept_full_rows(q_chunk, chunk_positions, k, **options)
@@ -213,7 +216,7 @@ def _topk_forward(q_t, k, v, top_k, causal, chunk, key_block, approx):
         out = jnp.einsum("bhck,bhckd->bhcd", weights.astype(v.dtype), values)
         return out, jnp.where(valid, indices, -1), weights
 
-    out, indices, weights = jax.lax.map(one_chunk, (_chunked(q_t, chunk), positions))
+    out, indices, weights = jax.lax.map(one_chunk, jnp.arange(n_chunks))
     out, indices, weights = (_unchunked(x, length) for x in (out, indices, weights))
     return (out, indices, weights), (q_t, k, v, indices, weights)
 
