@@ -209,39 +209,10 @@ def _for_blocks(start, n_rows, fn, carry):
     return jax.lax.fori_loop(0, n_small, lambda i, c: fn(tail_start + i * _SMALL_BLOCK, _SMALL_BLOCK, c), carry)
 
 
-def _head_rows(n_rows_with_spare: int, n_groups: int) -> int:
-    """Returns how many leading rows of every group go through one batched matmul: the mean group size, in 8s.
-
-    With balanced routing almost every row is a head row, so one [groups, head, d] matmul keeps both cores busy
-    instead of a chain of small per-group blocks; the rows past a group's head (its tail) still run in the loop,
-    and a group smaller than head wastes only its unused head rows, so any routing stays exact.
-    """
-    return (n_rows_with_spare - _BIG_BLOCK) // n_groups // 8 * 8
-
-
-def _group_heads(x, offsets, sizes, head: int):
-    """Returns x's first `head` rows of each group [groups, head, d], zero past a group's end."""
-    position = jnp.arange(head)
-    rows = jnp.take(x, offsets[:, None] + position, axis=0, mode="clip")
-    return jnp.where((position < sizes[:, None])[..., None], rows, 0)
-
-
-def _from_heads(y_heads, tails_out, offsets, sizes):
-    """Returns tails_out with every row that lies in its group's head replaced by that row of y_heads."""
-    n_groups, head, _ = y_heads.shape
-    row = jnp.arange(tails_out.shape[0])
-    group = jnp.minimum(jnp.searchsorted(offsets + sizes, row, side="right"), n_groups - 1)  # spare rows: last
-    position = row - offsets[group]
-    from_head = y_heads.reshape(n_groups * head, -1)[group * head + jnp.minimum(position, head - 1)]
-    return jnp.where((position < head)[:, None], from_head, tails_out)
-
-
 def _grouped_matmul_loop(x, w, b, offsets, sizes, transpose_w: bool):
     """Returns rows of group e times w[e] (+ b[e]); x has >= _BIG_BLOCK spare rows after the last group."""
-    n_groups = w.shape[0]
-    head = max(_head_rows(x.shape[0], n_groups), 0)
     out = jnp.zeros((x.shape[0], w.shape[1] if transpose_w else w.shape[2]), x.dtype)
-    for e in range(n_groups):  # groups in order: a block running past its group is rewritten by the next group
+    for e in range(w.shape[0]):  # groups in order: a block running past its group is rewritten by the next group
         w_e = w[e]
 
         def block(row, size, out):
@@ -251,22 +222,14 @@ def _grouped_matmul_loop(x, w, b, offsets, sizes, transpose_w: bool):
                 y = y + b[e]
             return jax.lax.dynamic_update_slice_in_dim(out, y.astype(x.dtype), row, 0)
 
-        out = _for_blocks(offsets[e] + head, jnp.maximum(sizes[e] - head, 0), block, out)
-    if head == 0:
-        return out
-    y_heads = jax.lax.dot_general(_group_heads(x, offsets, sizes, head), w,
-                                  (((2,), (2 if transpose_w else 1,)), ((0,), (0,))))
-    if b is not None:
-        y_heads = y_heads + b[:, None]
-    return _from_heads(y_heads.astype(x.dtype), out, offsets, sizes)
+        out = _for_blocks(offsets[e], sizes[e], block, out)
+    return out
 
 
 def _grouped_weight_grads(x, dy, offsets, sizes):
     """Returns (dw [groups, d_in, d_out], db [groups, d_out]) = per group xᵀ·dy and Σ dy over its rows."""
-    n_groups = offsets.shape[0]
-    head = max(_head_rows(x.shape[0], n_groups), 0)
     dws, dbs = [], []
-    for e in range(n_groups):
+    for e in range(offsets.shape[0]):
         end = offsets[e] + sizes[e]
 
         def block(row, size, acc):
@@ -276,16 +239,10 @@ def _grouped_weight_grads(x, dy, offsets, sizes):
             return acc[0] + dw, acc[1] + jnp.sum(db, axis=0, dtype=jnp.float32)
 
         acc = (jnp.zeros((x.shape[1], dy.shape[1]), jnp.float32), jnp.zeros((dy.shape[1],), jnp.float32))
-        dw, db = _for_blocks(offsets[e] + head, jnp.maximum(sizes[e] - head, 0), block, acc)
+        dw, db = _for_blocks(offsets[e], sizes[e], block, acc)
         dws.append(dw)
         dbs.append(db)
-    dw, db = jnp.stack(dws), jnp.stack(dbs)
-    if head == 0:
-        return dw, db
-    dy_heads = _group_heads(dy, offsets, sizes, head)  # zero past each group's end, so x there adds nothing
-    dw_heads = jax.lax.dot_general(_group_heads(x, offsets, sizes, head), dy_heads, (((1,), (1,)), ((0,), (0,))),
-                                   preferred_element_type=jnp.float32)
-    return dw + dw_heads, db + jnp.sum(dy_heads, axis=1, dtype=jnp.float32)
+    return jnp.stack(dws), jnp.stack(dbs)
 
 
 @jax.custom_vjp
@@ -293,8 +250,7 @@ def grouped_matmul(x, w, b, offsets, sizes):
     """Returns y [rows, d_out] with y[r] = x[r]·w[e] + b[e] for rows r of group e (rows offsets[e] ... + sizes[e]).
 
     x: [rows, d_in] with groups contiguous and at least _BIG_BLOCK spare rows after the last (their output is
-    unspecified); w: [groups, d_in, d_out]; b: [groups, d_out]. The CPU stand-in for ragged_dot: one batched
-    matmul over every group's first _head_rows rows, then a loop over row blocks for the rows past them.
+    unspecified); w: [groups, d_in, d_out]; b: [groups, d_out]. A loop over row blocks: the CPU stand-in for ragged_dot.
     """
     return _grouped_matmul_loop(x, w, b, offsets, sizes, transpose_w=False)
 
