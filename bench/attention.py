@@ -27,7 +27,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from toyjax.models.topk_attention import _topk_attention_autodiff, topk_attention  # noqa: E402
+from toyjax.models.topk_attention import (  # noqa: E402
+    _topk_attention_autodiff,
+    block_prefiltered_top_k,
+    topk_attention,
+)
 
 MiB = 2**20
 
@@ -135,7 +139,7 @@ def measure(length, args):
 
 
 def components(length, top_k, chunk, repeats):
-    """Returns forward ms of the two parts of chunked top-k, run alone: the causal score matmuls, and top_k."""
+    """Returns forward ms of the parts of chunked top-k run alone: the floor (causal scores + one pass) and top-k."""
     keys = jax.random.split(jax.random.PRNGKey(length), 3)
     q, k = (jax.random.normal(key, (1, length, 4, 64), jnp.float32) for key in keys[:2])
     n_chunks = -(-length // chunk)
@@ -157,8 +161,11 @@ def components(length, top_k, chunk, repeats):
 
     causal_scores = jax.random.normal(keys[2], (4, length, (length + 1) // 2), jnp.float32)  # half: causal
     parts = {
-        "causal q·kᵀ in the same chunk loops, no top_k": (jax.jit(scores_only), (q, k)),
+        "floor: causal q·kᵀ in the same chunk loops + one max pass": (jax.jit(scores_only), (q, k)),
         "lax.top_k alone over the causal half of the scores": (jax.jit(lambda s: jax.lax.top_k(s, top_k)), (causal_scores,)),
+        "block_prefiltered_top_k alone, same scores": (
+            jax.jit(lambda s: block_prefiltered_top_k(s, top_k)), (causal_scores,)
+        ),
     }
     out = {}
     for name, (fn, inputs) in parts.items():
@@ -186,10 +193,18 @@ def report(length, results, args):
     summary = {kind: (t / forward[best_dense_name], m / scores_bytes) for _, kind, t, m in chunked}
     if args.components:
         for name, seconds in components(length, args.top_k, args.chunk, args.repeats).items():
-            print(f"  component {name:55s} {seconds * 1e3:9.1f} ms {seconds / forward[best_dense_name]:6.2f}x")
+            print(f"  component {name:58s} {seconds * 1e3:9.1f} ms {seconds / forward[best_dense_name]:6.2f}x")
     print(f"summary L={length}: chunked top-k fwd time {summary['fwd'][0]:.2f}x best dense (target <= 1.5), "
           f"peak memory fwd {summary['fwd'][1]:.3f} / fwd+bwd {summary['fwd+bwd'][1]:.3f} of the LxL scores "
           f"(target <= 0.125)")
+    times = {(name, kind): t for name, kind, t, _ in results}
+    topk_name = f"topk chunk={args.chunk}"
+    if ("torch SDPA", "fwd") in times:
+        print(f"summary L={length}: chunked top-k fwd / torch SDPA fwd "
+              f"{times[topk_name, 'fwd'] / times['torch SDPA', 'fwd']:.2f}x (target <= 2)")
+    jax_dense = min(times[name, "fwd+bwd"] for name in jax_variants(args.top_k, args.chunk) if "dense" in name)
+    print(f"summary L={length}: chunked top-k fwd+bwd / fastest JAX dense fwd+bwd "
+          f"{times[topk_name, 'fwd+bwd'] / jax_dense:.2f}x (target < 1)")
 
 
 def main(argv=None):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from toyjax.models.topk_attention import _topk_attention_autodiff, topk_attention
+from toyjax.models.topk_attention import _topk_attention_autodiff, block_prefiltered_top_k, topk_attention
 
 
 def numpy_topk_attention(q, k, v, top_k, causal):
@@ -167,6 +167,44 @@ def test_approx_option_and_bfloat16_run_cleanly():
     half = topk_attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)), top_k=16)
     assert half.dtype == jnp.bfloat16
     np.testing.assert_allclose(half.astype(jnp.float32), numpy_dense_attention(q, k, v, True), atol=0.05)
+
+
+def numpy_top_k(scores, top_k):
+    """Brute force: per row, a stable sort by descending score (ties: the lower index first, as lax.top_k)."""
+    order = np.argsort(-scores, axis=-1, kind="stable")[..., :top_k]
+    return np.take_along_axis(scores, order, axis=-1), order
+
+
+@pytest.mark.parametrize(
+    "length, top_k, block_size",
+    [(40, 3, 4), (64, 5, 8), (100, 7, 3), (130, 4, 16), (257, 8, 16), (33, 2, 32)],
+)
+def test_block_prefiltered_top_k_equals_brute_force_with_ties_and_masked_rows(length, top_k, block_size):
+    rng = np.random.default_rng(length + top_k)
+    rows = 2 * length
+    # Scores on a coarse grid (many exact ties, also across blocks), then causally masked like attention rows:
+    # row r sees keys <= r - length, so the first rows see nothing (all -inf) and many see fewer than top_k keys.
+    scores = rng.integers(-4, 5, size=(3, rows, length)).astype(np.float32)
+    visible = np.arange(length)[None, :] <= np.arange(rows)[:, None] - length
+    scores = np.where(visible, scores, -np.inf)
+    scores[0, -1] = 2.0  # one row of nothing but ties
+    values, indices = block_prefiltered_top_k(jnp.asarray(scores), top_k, block_size=block_size)
+    expected_values, expected_indices = numpy_top_k(scores, top_k)
+    np.testing.assert_array_equal(values, expected_values)
+    np.testing.assert_array_equal(indices, expected_indices)
+    np.testing.assert_array_equal(indices, jax.lax.top_k(jnp.asarray(scores), top_k)[1])
+
+
+@pytest.mark.parametrize("query_chunk", [None, 8])
+def test_long_rows_use_the_pre_filter_and_match_brute_force(query_chunk):
+    # L=160, k=3: 10 selection blocks of 16 keys > k, so the block-maxima path runs (chunk 8 streams key blocks
+    # of 32 into the score buffer); early queries see fewer than 3 keys.
+    q, k, v = random_qkv(11, batch=1, length=160, heads=2, head_dim=8)
+    out, indices, weights = topk_attention(q, k, v, top_k=3, query_chunk=query_chunk, return_indices=True)
+    expected, expected_indices = numpy_topk_attention(q, k, v, 3, causal=True)
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+    np.testing.assert_array_equal(indices, expected_indices)  # same keys, in the same (descending) order
+    np.testing.assert_array_equal(np.asarray(weights) == 0, expected_indices == -1)
 
 
 def test_bad_inputs_name_the_problem():

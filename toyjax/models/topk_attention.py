@@ -13,11 +13,14 @@ This is the exact gradient of the top-k function (the selection itself is piecew
 O(L·k·d) instead of autodiff's O(L²·d) (autodiff would scatter into dense [L, L] score cotangents and multiply
 them back through q·kᵀ), and it never has to recompute the scores.
 
-With `query_chunk`, the forward runs query chunks under `lax.map`, each streaming over key blocks of
-4·query_chunk keys with a running top-k (a causal chunk stops at its last visible block, halving the work), and
-the backward runs chunks of at most 32 queries under `lax.fori_loop`. Peak memory is then O(chunk² + chunk·k·d + L·k
-+ L·d) in both passes: no [chunk, L] array, let alone [L, L], ever exists. (`_topk_attention_autodiff` below is
-the plain version: autodiff with `jax.checkpoint` per chunk, kept for the benchmark that measures the difference.)
+With `query_chunk`, the forward runs query chunks under `lax.map`; each writes its scores, key block by key
+block (4·query_chunk keys each), into one [chunk, L] buffer, a causal chunk stopping at its last visible block
+(halving the work), and selects once with `block_prefiltered_top_k`: an exact top-k that calls `lax.top_k` on
+the row's block maxima and then on the keys of the best blocks only, since `lax.top_k` on CPU costs a lot per
+row and per element. The backward runs chunks of at most 32 queries under `lax.fori_loop`. Peak memory is then
+O(chunk·L + chunk·k·d + L·k + L·d) in both passes (1/32 of the [L, L] scores at L=4096 with chunk 128).
+(`_topk_attention_autodiff` below is the plain version: autodiff with `jax.checkpoint` per chunk, kept for the
+benchmark that measures the difference.)
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from toyjax.models.hooks import no_hook
 from toyjax.models.registry import register_attention, register_cached_attention
 
 _BACKWARD_CHUNK = 32  # queries per backward step: 4 gathers of [32, k, head_dim] per head stay small
+_SELECTION_BLOCK = 16  # keys per block of the block-maxima pre-filter (see block_prefiltered_top_k)
 
 
 def _check_inputs(q, k, v, top_k, query_chunk):
@@ -76,6 +80,40 @@ def _masked_scores(q_chunk, k_block, positions, key_positions, *, causal, offset
     return jnp.where(visible, scores, -jnp.inf)
 
 
+def block_prefiltered_top_k(scores, top_k, *, block_size=16, approx=False):
+    """Returns (values, indices) equal to jax.lax.top_k(scores, top_k), found in two smaller top-k calls.
+
+    lax.top_k on CPU pays a fixed cost per row plus a cost per element; a causal score row is long (L keys), so
+    the row is first cut into blocks of block_size keys and reduced to its block maxima:
+
+        1. top_k over the block maxima picks top_k blocks (ties: the lower block index, as lax.top_k does);
+        2. those blocks' scores, gathered in ascending key order, are the top_k · block_size candidates;
+        3. top_k over the candidates gives the answer, with ascending order keeping lax.top_k's tie-breaking.
+
+    Why the top_k keys overall lie in the chosen blocks. Order keys by (score descending, index ascending), the
+    order lax.top_k keeps; let T be the smallest block maximum chosen. Take a key x in a block B not chosen, so
+    max(B) <= T. Each chosen block C holds its maximum key c with score(c) >= T >= score(x). If score(c) > score(x)
+    c ranks above x; if they are equal, then score(x) = max(B) = T = max(C) is a tie that step 1 broke for C, so C
+    comes before B, c's index is below x's, and c still ranks above x. So top_k distinct keys rank above x, and x
+    is not among the top_k. Masked keys score -inf: they are chosen only when a row holds fewer than top_k
+    finite scores, exactly as lax.top_k would, and at the same (lowest) indices.
+    """
+    length = scores.shape[-1]
+    n_blocks = -(-length // block_size)
+    if n_blocks <= top_k or top_k * block_size >= length:  # no saving: the candidates would be the whole row
+        return _top_k(scores, top_k, approx)
+    # Padding scores -inf at the highest indices: they rank below every real key, -inf ones included.
+    pad = [(0, 0)] * (scores.ndim - 1) + [(0, n_blocks * block_size - length)]
+    blocks = jnp.pad(scores, pad, constant_values=-jnp.inf).reshape(scores.shape[:-1] + (n_blocks, block_size))
+    _, chosen_blocks = _top_k(jnp.max(blocks, axis=-1), top_k, approx)
+    chosen_blocks = jnp.sort(chosen_blocks, axis=-1)  # ascending key order, so ties break as in one lax.top_k
+    candidates = jnp.take_along_axis(blocks, chosen_blocks[..., None], axis=-2)  # [..., top_k, block_size]
+    values, slots = _top_k(candidates.reshape(scores.shape[:-1] + (top_k * block_size,)), top_k, approx)
+    # Candidate slot s is key block_size·chosen_blocks[s // block_size] + s % block_size (no index array needed).
+    block_of_slot = jnp.take_along_axis(chosen_blocks, slots // block_size, axis=-1)
+    return values, block_of_slot * block_size + slots % block_size
+
+
 def _top_k(scores, top_k, approx):
     return jax.lax.approx_max_k(scores, top_k) if approx else jax.lax.top_k(scores, top_k)
 
@@ -84,41 +122,35 @@ def _kept_full_rows(q_chunk, positions, k, *, top_k, causal, offset, approx):
     """Returns (kept scores, key indices) [batch, heads, chunk, top_k] from one [chunk, L] score matrix."""
     n_keys = k.shape[1]
     scores = _masked_scores(q_chunk, k, positions, jnp.arange(n_keys), causal=causal, offset=offset, n_keys=n_keys)
-    return _top_k(scores, top_k, approx)
+    return block_prefiltered_top_k(scores, top_k, block_size=_SELECTION_BLOCK, approx=approx)
 
 
 def _kept_streamed(q_chunk, positions, k, *, top_k, causal, offset, approx, key_block):
-    """Same as _kept_full_rows, streaming over key blocks with a running top-k (O(chunk·key_block) memory).
+    """Same as _kept_full_rows, computing only the key blocks of key_block keys that the chunk can see.
 
-    Causal chunks stop at the last key block they can see, which halves the work of a causal layer.
+    The [chunk, L] scores are written block by block into a -inf buffer; a causal chunk stops at the last key
+    block it can see, which halves the matmul work of a causal layer. One selection over the whole buffer then
+    costs far less than merging a running top-k after every block (lax.top_k's cost per row dominates).
     """
     n_keys = k.shape[1]
     n_blocks = -(-n_keys // key_block)
     k = jnp.pad(k, [(0, 0), (0, n_blocks * key_block - n_keys), (0, 0), (0, 0)])
     batch, heads, chunk, _ = q_chunk.shape
-    init = (
-        jnp.full((batch, heads, chunk, top_k), -jnp.inf, _accumulation_dtype(q_chunk)),
-        jnp.full((batch, heads, chunk, top_k), -1, jnp.int32),
-    )
+    init = jnp.full((batch, heads, chunk, n_blocks * key_block), -jnp.inf, _accumulation_dtype(q_chunk))
 
-    def merge_block(block, running):
-        best_scores, best_indices = running
+    def write_block(block, scores):
         key_positions = block * key_block + jnp.arange(key_block)
         k_block = jax.lax.dynamic_slice_in_dim(k, block * key_block, key_block, axis=1)
-        scores = _masked_scores(
+        block_scores = _masked_scores(
             q_chunk, k_block, positions, key_positions, causal=causal, offset=offset, n_keys=n_keys
         )
-        candidates = jnp.concatenate([best_scores, scores], axis=-1)
-        candidate_indices = jnp.concatenate(
-            [best_indices, jnp.broadcast_to(key_positions, scores.shape).astype(jnp.int32)], axis=-1
-        )
-        kept_scores, slots = _top_k(candidates, top_k, approx)
-        return kept_scores, jnp.take_along_axis(candidate_indices, slots, axis=-1)
+        return jax.lax.dynamic_update_slice_in_dim(scores, block_scores, block * key_block, axis=3)
 
     n_needed = n_blocks
     if causal:
         n_needed = jnp.minimum(n_blocks, (jnp.max(positions) + offset) // key_block + 1)
-    return jax.lax.fori_loop(0, n_needed, merge_block, init)
+    scores = jax.lax.fori_loop(0, n_needed, write_block, init)
+    return block_prefiltered_top_k(scores, top_k, block_size=_SELECTION_BLOCK, approx=approx)
 
 
 def _kept_weights(kept_scores, indices, positions, *, causal, offset, n_keys):
@@ -165,10 +197,13 @@ def _topk_core(q_t, k, v, top_k, causal, chunk, key_block, approx):
 def _topk_forward(q_t, k, v, top_k, causal, chunk, key_block, approx):
     length, n_keys = q_t.shape[2], k.shape[1]
     offset = n_keys - length
-    positions = _chunked(jnp.arange(length)[None, None], chunk)[:, 0, 0]  # [n_chunks, chunk]
+    n_chunks = -(-length // chunk)
+    q_padded = jnp.pad(q_t, [(0, 0), (0, 0), (0, n_chunks * chunk - length), (0, 0)])
 
-    def one_chunk(args):
-        q_chunk, chunk_positions = args
+    def one_chunk(i):
+        # Sliced here rather than pre-chunked: a chunked copy of q would be one more [b, h, L, d] buffer.
+        q_chunk = jax.lax.dynamic_slice_in_dim(q_padded, i * chunk, chunk, axis=2)
+        chunk_positions = i * chunk + jnp.arange(chunk)
         options = dict(top_k=top_k, causal=causal, offset=offset, approx=approx)
         if key_block is None:
             kept_scores, indices = _kept_full_rows(q_chunk, chunk_positions, k, **options)
@@ -182,7 +217,7 @@ def _topk_forward(q_t, k, v, top_k, causal, chunk, key_block, approx):
         out = jnp.einsum("bhck,bhckd->bhcd", weights.astype(v.dtype), values)
         return out, jnp.where(valid, indices, -1), weights
 
-    out, indices, weights = jax.lax.map(one_chunk, (_chunked(q_t, chunk), positions))
+    out, indices, weights = jax.lax.map(one_chunk, jnp.arange(n_chunks))
     out, indices, weights = (_unchunked(x, length) for x in (out, indices, weights))
     return (out, indices, weights), (q_t, k, v, indices, weights)
 
@@ -240,7 +275,7 @@ def topk_attention(q, k, v, *, top_k, causal=True, query_chunk=None, approx=Fals
     chunk = q.shape[1] if query_chunk is None else min(query_chunk, q.shape[1])
     to_heads_first = lambda x: jnp.transpose(x, (0, 2, 1, 3))  # noqa: E731
     q_t = to_heads_first(q) * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
-    # Chunked: stream keys in blocks of 4 chunks, so no [chunk, L] array exists either (see _kept_streamed).
+    # Chunked: score keys in blocks of 4 chunks, skipping the blocks a causal chunk cannot see (_kept_streamed).
     key_block = None if query_chunk is None or 4 * chunk >= k.shape[1] else 4 * chunk
     out, indices, weights = _topk_core(q_t, k, v, top_k, causal, chunk, key_block, approx)
     out = to_heads_first(out)
