@@ -17,17 +17,14 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from toyjax.models.topk_attention import (  # noqa: E402
+from toyjax.models.topk_attention import (
     _topk_attention_autodiff,
     block_prefiltered_top_k,
     topk_attention,

@@ -15,18 +15,15 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from toyjax.config import ModelConfig, MoEConfig  # noqa: E402
-from toyjax.models.ffn import DenseFFN  # noqa: E402
-from toyjax.models.moe import MoE  # noqa: E402
+from toyjax.config import ModelConfig, MoEConfig
+from toyjax.models.ffn import DenseFFN
+from toyjax.models.moe import MoE
 
 
 def jax_layers(args):
