@@ -93,3 +93,15 @@ def test_views_page_shows_where_a_hovered_token_attends(tmp_path, browser_page):
         first = page.inner_text("#routing tbody tr:first-child").split("\t")
         assert first[2].startswith(f"e{int(routing[0][0][0, 0])} ")
         assert problems == []
+
+
+def test_attention_only_decoder_adds_nothing_after_attention():
+    from toyjax.testing import tiny_config
+
+    assert tiny_config(model={"ffn": "none"}).model.ffn == "none"  # the config accepts the registered kind
+    run, tokens = tiny_run(ffn="none")
+    _, cache = interp.run_with_cache(run, tokens, ["blocks.1.hook_mlp_out", "blocks.1.hook_resid_mid",
+                                                   "blocks.1.hook_resid_post"])
+    assert not np.asarray(cache["blocks.1.hook_mlp_out"]).any()
+    np.testing.assert_array_equal(cache["blocks.1.hook_resid_post"], cache["blocks.1.hook_resid_mid"])
+    assert "ffn" not in run[1]["block_0"]  # no feed-forward parameters
