@@ -11,6 +11,8 @@
   sweep       --config FILE --workdir DIR --grid model.d_model=64,128 [KEY=V,V ...] [--zip] [--seeds 0,1,2]
               [--metric ppl] [--config.KEY=VALUE ...]   a run per point and seed; DIR/results.csv, .md, plots
   fuzz        RUN [RUN ...] --bert DIR --out DIR [--budget 100 --n-probes 10 --max-edits 3 --seed 0]
+  interp      RUN --text TEXT [--corrupted TEXT --answer WORD --wrong WORD] --out DIR
+                                                           attention, routing, logit lens, DLA, patching
 """
 
 from __future__ import annotations
@@ -161,8 +163,15 @@ def cmd_fuzz(argv: list[str]) -> None:
     fuzz_report.main(argv)
 
 
+def cmd_interp(argv: list[str]) -> None:
+    from toyjax.interp import report
+
+    report.main(argv)
+
+
 COMMANDS = {"train": cmd_train, "quickstart": cmd_quickstart, "sample": cmd_sample, "inspect": cmd_inspect,
-            "bert-adapt": cmd_bert_adapt, "compare": cmd_compare, "sweep": cmd_sweep, "fuzz": cmd_fuzz}
+            "bert-adapt": cmd_bert_adapt, "compare": cmd_compare, "sweep": cmd_sweep, "fuzz": cmd_fuzz,
+            "interp": cmd_interp}
 
 
 def main(argv: list[str]) -> int:

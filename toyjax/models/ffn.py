@@ -23,3 +23,14 @@ class DenseFFN(nn.Module):
         dtype = jnp.dtype(self.cfg.dtype)
         h = HookPoint(name="hook_pre")(nn.Dense(self.cfg.d_ff, dtype=dtype, name="up")(x))
         return nn.Dense(self.cfg.d_model, dtype=dtype, name="down")(HookPoint(name="hook_post")(nn.gelu(h)))
+
+
+@register_ffn("none")
+class NoFFN(nn.Module):
+    """No feed-forward part (an attention-only decoder, e.g. for induction heads): adds zeros to the stream."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, *, deterministic: bool = True, decode: bool = False):
+        return jnp.zeros_like(x)
