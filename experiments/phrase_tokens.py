@@ -36,6 +36,12 @@ from toyjax.tokenizers.phrases import bits_per_word, count_words
 CONFIG = ROOT / "experiments" / "configs" / "phrase_tokens.py"
 
 
+def arm_points(config) -> dict[str, dict]:
+    """Returns the sweep point of each arm: the word arm drops the phrases, the phrase arm is the config's."""
+    return {"word": {"tokenizer.kind": "topword", "tokenizer.phrase_vocab_size": 0},
+            "phrase": {"tokenizer.kind": "phrase", "tokenizer.phrase_vocab_size": config.tokenizer.phrase_vocab_size}}
+
+
 def validation_nll(run, stream: pipeline.TokenStream, batch_size: int = 32) -> tuple[float, int, int]:
     """Returns (summed NLL in nats, scored tokens, scored words) over consecutive max_len windows of the stream.
 
@@ -89,9 +95,7 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args([a for a in argv if not a.startswith("--config.")])
     workdir = Path(args.workdir)
     phrase_cfg = config_lib.apply_overrides(config_lib.load_config_file(CONFIG), overrides)
-    n_phrases = phrase_cfg.tokenizer.phrase_vocab_size
-    arms = {"word": {"tokenizer.kind": "topword", "tokenizer.phrase_vocab_size": 0},
-            "phrase": {"tokenizer.kind": "phrase", "tokenizer.phrase_vocab_size": n_phrases}}
+    arms = arm_points(phrase_cfg)
     sweep_rows = sweep.run_sweep(phrase_cfg, list(arms.values()), workdir, seeds=[phrase_cfg.train.seed],
                                  labels=list(arms), quiet=args.quiet)
     docs = pipeline.load_documents(phrase_cfg.data)
