@@ -3,14 +3,16 @@
     python experiments/moe_replication.py --out runs/moe_replication \
         [--steps 200 --arms dense,4x1,8x1,16x1,8x2,16x2,8x2-noaux --seeds 0,1 --config.KEY=VALUE]
 
-Arms (all from experiments/configs/moe.py, overrides apply to all; the tokenizer is fitted once and copied):
+Arms (all from experiments/configs/moe.py, overrides apply to all; each arm fits its tokenizer on the same documents
+with the same tokenizer config, so all get the same tokenizer):
   dense       the dense FFN with d_ff = DENSE_FF (the config's top_k x d_ff, 256 by default)
   ExK         E experts, top-K noisy gating, each expert d_ff = DENSE_FF / K: the same active FFN parameters
   ExK-noaux   the same with every auxiliary loss coefficient set to 0 (balance ablation)
   ExK-switch  Switch routing (router "switch"; top-K probabilities as gates, balance + z loss)
-With several --seeds every arm is trained once per seed (train.seed: initialisation, batch order, router noise) in
-OUT/ARM-seedS, and its numbers are the mean over seeds, perplexity as mean ± half the range (min to max); with one
-seed (the default: the config's) an arm's workdir is OUT/ARM.
+The arms are one toyjax.sweep with the arms as points and --seeds as its seeds (default: the config's train.seed;
+train.seed sets initialisation, batch order and router noise): every arm is trained once per seed in OUT/ARM,seed=S
+(e.g. OUT/8x2-noaux,seed=0), resumably (finished runs are skipped), next to the sweep's OUT/results.csv and
+OUT/results.md. With several seeds an arm's numbers are the mean over seeds, perplexity as mean ± half the range.
 Reports per arm: valid perplexity, total and active parameters, expert-usage balance on validation tokens (normalised
 entropy of each layer's expert shares, 1 = uniform, and the largest share), and a sample. Writes OUT/summary.json and
 OUT/moe_replication.png, and prints a table.
@@ -21,9 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -32,7 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 from toyjax import config as config_lib
-from toyjax import load_run, train
+from toyjax import load_run, sweep
 from toyjax.data import pipeline
 
 CONFIG = ROOT / "experiments" / "configs" / "moe.py"
@@ -47,26 +47,25 @@ def parse_arm(name: str) -> dict:
     try:
         experts, top_k = (int(v) for v in head.split("x"))
     except ValueError:
-        raise SystemExit(f"--arms: cannot read arm {name!r}; use dense, 8x2, 8x2-noaux or 8x1-switch") from None
+        raise SystemExit(f"error: --arms: cannot read arm {name!r}; use dense, 8x2, 8x2-noaux or 8x1-switch") from None
     if set(flags) - {"noaux", "switch"}:
-        raise SystemExit(f"--arms: unknown flag in {name!r}; known: noaux, switch")
+        raise SystemExit(f"error: --arms: unknown flag in {name!r}; known: noaux, switch")
     return {"experts": experts, "top_k": top_k, "aux": "noaux" not in flags,
             "router": "switch" if "switch" in flags else "noisy_topk"}
 
 
-def arm_config(base: config_lib.Config, arm: dict, dense_ff: int) -> config_lib.Config:
-    cfg = config_lib.from_dict(base.to_dict())
+def arm_point(arm: dict, dense_ff: int) -> dict:
+    """Returns the sweep point (config keys to set) of an arm from parse_arm, at the dense arm's d_ff."""
     if arm["experts"] == 0:
-        cfg.model.ffn, cfg.model.d_ff = "dense", dense_ff
-        return cfg
+        return {"model.ffn": "dense", "model.d_ff": dense_ff}
     if dense_ff % arm["top_k"]:
-        raise SystemExit(f"dense d_ff {dense_ff} is not divisible by top_k {arm['top_k']}")
-    cfg.model.ffn, cfg.model.d_ff = "moe", dense_ff // arm["top_k"]
-    moe = cfg.model.moe
-    moe.n_experts, moe.top_k, moe.router = arm["experts"], arm["top_k"], arm["router"]
+        raise SystemExit(f"error: dense d_ff {dense_ff} is not divisible by top_k {arm['top_k']}")
+    point = {"model.ffn": "moe", "model.d_ff": dense_ff // arm["top_k"], "model.moe.n_experts": arm["experts"],
+             "model.moe.top_k": arm["top_k"], "model.moe.router": arm["router"]}
     if not arm["aux"]:
-        moe.importance_coef = moe.load_coef = moe.balance_coef = moe.z_loss_coef = 0.0
-    return cfg
+        point.update({f"model.moe.{coef}": 0.0 for coef in ("importance_coef", "load_coef", "balance_coef",
+                                                            "z_loss_coef")})
+    return point
 
 
 def parameter_counts(params, cfg) -> tuple[int, int]:
@@ -134,35 +133,31 @@ def plot(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def train_arm(name: str, arm: dict, cfg: config_lib.Config, workdir: Path, eval_batches: int,
-              shared: dict) -> dict:
-    """Returns one trained arm's record; shared carries the fitted tokenizer folder and the validation batches."""
-    if shared.get("tokenizer") is not None and not (workdir / "tokenizer").exists():
-        shutil.copytree(shared["tokenizer"], workdir / "tokenizer")  # same tokens for every arm
-    start = time.perf_counter()
-    print(f"== {workdir.name}: {cfg.train.steps} steps, ffn {cfg.model.ffn}, d_ff {cfg.model.d_ff}, "
-          f"seed {cfg.train.seed}", flush=True)
-    result = train.run(cfg, workdir, quiet=True)
-    shared["tokenizer"] = shared.get("tokenizer") or workdir / "tokenizer"
+def describe_arm(name: str, arm: dict, row: dict, workdir: Path, batches: list[dict]) -> dict:
+    """Returns one trained arm's record (one seed) from its sweep row and workdir; batches: for routing balance."""
     run = load_run(workdir)
-    if shared.get("batches") is None:
-        docs = pipeline.load_documents(run.config.data)
-        valid = pipeline.split_train_valid(docs, run.config.data.valid_fraction)[1]
-        shared["batches"] = pipeline.TokenStream.encode(run.tokenizer, valid).eval_batches(
-            eval_batches, batch_size=cfg.train.batch_size, length=cfg.model.max_len)
     total, active = parameter_counts(run.params, run.config)
-    balance = routing_balance(run, shared["batches"]) if arm["experts"] else {}
+    balance = routing_balance(run, batches) if arm["experts"] else {}
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     last_train = [r for r in records if r["split"] == "train"][-1]
     samples = (workdir / "samples.txt").read_text().strip().split("\n\n")
-    record = {"name": name, **arm, "d_ff": cfg.model.d_ff, "seed": cfg.train.seed, "valid_loss": result["loss"],
-              "valid_ppl": result["ppl"], "total_params": total, "active_params": active,
-              "train_aux_loss": last_train.get("aux_loss"), "tokens_per_s": result.get("tokens_per_s"),
-              "seconds": time.perf_counter() - start, "sample": samples[0], **balance}
-    print(f"   valid ppl {result['ppl']:.3f}, params {total:,} total / {active:,} active"
+    record = {"name": name, **arm, "d_ff": run.config.model.d_ff, "seed": row["seed"], "valid_loss": row["loss"],
+              "valid_ppl": row["ppl"], "total_params": total, "active_params": active,
+              "train_aux_loss": last_train.get("aux_loss"), "tokens_per_s": row["tokens_per_s"],
+              "seconds": row["wall_s"], "sample": samples[0], **balance}
+    print(f"== {workdir.name}: valid ppl {row['ppl']:.3f}, params {total:,} total / {active:,} active"
           + (f", usage entropy {np.round(balance['usage_entropy'], 3).tolist()}" if balance else "")
-          + f", {record['seconds']:.0f}s", flush=True)
+          + f", trained in {row['wall_s']:.0f}s", flush=True)
     return record
+
+
+def validation_batches(workdir: Path, n_batches: int) -> list[dict]:
+    """Returns n_batches evenly spaced validation batches of a run, encoded with its tokenizer (all arms share it)."""
+    run = load_run(workdir)
+    cfg = run.config
+    valid = pipeline.split_train_valid(pipeline.load_documents(cfg.data), cfg.data.valid_fraction)[1]
+    return pipeline.TokenStream.encode(run.tokenizer, valid).eval_batches(
+        n_batches, batch_size=cfg.train.batch_size, length=cfg.model.max_len)
 
 
 def combine_seeds(runs: list[dict]) -> dict:
@@ -182,16 +177,6 @@ def combine_seeds(runs: list[dict]) -> dict:
     return arm
 
 
-def parse_seeds(text: str) -> list[int]:
-    try:
-        seeds = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise SystemExit(f"--seeds: cannot read {text!r}; use comma-separated integers such as 0,1") from None
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise SystemExit(f"--seeds: give distinct integers such as 0,1, got {text!r}")
-    return seeds
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     overrides = [a for a in argv if a.startswith("--config.")]
@@ -208,20 +193,19 @@ def main(argv=None):
     if args.steps:
         base.train.steps = args.steps
         base.train.eval_every = base.train.checkpoint_every = args.steps
-    seeds = parse_seeds(args.seeds) if args.seeds else [base.train.seed]
+    seeds = sweep.parse_seeds(args.seeds) if args.seeds else [base.train.seed]
     dense_ff = base.model.d_ff * max(base.model.moe.top_k, 1) if base.model.ffn == "moe" else base.model.d_ff
     out = Path(args.out)
 
-    arms, shared = [], {}
-    for name in [a for a in args.arms.split(",") if a]:
-        arm = parse_arm(name)
-        runs = []
-        for seed in seeds:
-            cfg = arm_config(base, arm, dense_ff)
-            cfg.train.seed = seed
-            workdir = out / name if len(seeds) == 1 else out / f"{name}-seed{seed}"
-            runs.append(train_arm(name, arm, cfg, workdir, args.eval_batches, shared))
-        arms.append(combine_seeds(runs))
+    names = [a for a in args.arms.split(",") if a]
+    parsed = [parse_arm(name) for name in names]
+    rows = sweep.run_sweep(base, [arm_point(arm, dense_ff) for arm in parsed], out, seeds=seeds, labels=names,
+                           quiet=True)
+    batches = validation_batches(out / rows[0]["name"], args.eval_batches)
+    arms = []
+    for index, (name, arm) in enumerate(zip(names, parsed)):
+        arm_rows = rows[index * len(seeds):(index + 1) * len(seeds)]  # rows run points outer, seeds inner
+        arms.append(combine_seeds([describe_arm(name, arm, row, out / row["name"], batches) for row in arm_rows]))
 
     summary = {"config": base.to_dict(), "dense_d_ff": dense_ff, "seeds": seeds, "arms": arms}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -242,4 +226,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except config_lib.ConfigError as err:
+        sys.exit(f"error: {err}")

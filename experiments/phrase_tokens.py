@@ -3,8 +3,11 @@
     python experiments/phrase_tokens.py --workdir runs/phrase_tokens [--config.train.steps=1000 ...]
 
 Both arms use the config in experiments/configs/phrase_tokens.py (model, steps, batch and context length in
-tokens identical); the word arm sets tokenizer.kind="topword". The top-word base is fitted once on the training
-documents and shared, so both arms see exactly the same simplified words and differ only in phrase merging.
+tokens identical); the word arm sets tokenizer.kind="topword". Each arm fits its tokenizer on the same training
+documents with the same top-word settings, so both see exactly the same simplified words (the phrase tokenizer's
+base is the word arm's tokenizer) and differ only in phrase merging. The arms are one toyjax.sweep (resumable:
+finished arms are skipped) into WORKDIR/word,seed=S and WORKDIR/phrase,seed=S (S: the config's train.seed), next
+to the sweep's WORKDIR/results.csv and results.md.
 
 Bits per word = (summed validation NLL in nats) / (words in the scored targets) / ln 2, with words counted as
 top-word tokens (punctuation included, <eos> excluded) by toyjax.tokenizers.phrases.count_words. The NLL is
@@ -18,7 +21,6 @@ import argparse
 import json
 import math
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -27,29 +29,17 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 from toyjax import config as config_lib
-from toyjax import load_run, train
+from toyjax import load_run, sweep, train
 from toyjax.data import pipeline
-from toyjax.tokenizers import PhraseTokenizer, TopWordTokenizer, load_tokenizer
 from toyjax.tokenizers.phrases import bits_per_word, count_words
 
 CONFIG = ROOT / "experiments" / "configs" / "phrase_tokens.py"
 
 
-def fit_tokenizers(cfg, train_docs, workdir: Path):
-    """Returns (word tokenizer, phrase tokenizer), fitted once and saved where train.run will load them."""
-    word_dir, phrase_dir = workdir / "word" / "tokenizer", workdir / "phrase" / "tokenizer"
-    if (word_dir / "toyjax_tokenizer.json").is_file() and (phrase_dir / "toyjax_tokenizer.json").is_file():
-        return load_tokenizer(word_dir), load_tokenizer(phrase_dir)
-    start = time.perf_counter()
-    base = TopWordTokenizer.fit(train_docs, vocab_size=cfg.tokenizer.vocab_size, lowercase=cfg.tokenizer.lowercase,
-                                simplify=cfg.tokenizer.simplify)
-    fitted = time.perf_counter()
-    phrases = PhraseTokenizer.fit(train_docs, base=base, n_phrases=cfg.tokenizer.phrase_vocab_size)
-    print(f"fitted top words in {fitted - start:.1f}s and {len(phrases.merges)} phrases in "
-          f"{time.perf_counter() - fitted:.1f}s", flush=True)
-    base.save(word_dir)
-    phrases.save(phrase_dir)
-    return base, phrases
+def arm_points(config) -> dict[str, dict]:
+    """Returns the sweep point of each arm: the word arm drops the phrases, the phrase arm is the config's."""
+    return {"word": {"tokenizer.kind": "topword", "tokenizer.phrase_vocab_size": 0},
+            "phrase": {"tokenizer.kind": "phrase", "tokenizer.phrase_vocab_size": config.tokenizer.phrase_vocab_size}}
 
 
 def validation_nll(run, stream: pipeline.TokenStream, batch_size: int = 32) -> tuple[float, int, int]:
@@ -70,8 +60,11 @@ def validation_nll(run, stream: pipeline.TokenStream, batch_size: int = 32) -> t
     return measures["nll_sum"], int(measures["tokens"]), count_words(run.tokenizer, targets)
 
 
-def describe(name: str, cfg, workdir: Path, result: dict, train_stream, valid_stream) -> dict:
+def describe(name: str, workdir: Path, row: dict, train_docs: list[str], valid_docs: list[str]) -> dict:
+    """Returns one trained arm's record: its sweep row plus bits per word, words per token and samples."""
     run = load_run(workdir)
+    cfg = run.config
+    train_stream, valid_stream = (pipeline.TokenStream.encode(run.tokenizer, d) for d in (train_docs, valid_docs))
     nll, tokens, words = validation_nll(run, valid_stream)
     words_per_token_train = count_words(run.tokenizer, train_stream.tokens) / len(train_stream.tokens)
     samples = (workdir / "samples.txt").read_text().strip().split("\n\n")
@@ -84,10 +77,10 @@ def describe(name: str, cfg, workdir: Path, result: dict, train_stream, valid_st
         "valid_words": words,
         "bits_per_token": nll / tokens / math.log(2),
         "bits_per_word": bits_per_word(nll, words),
-        "trainer_valid_loss": result["loss"],
+        "trainer_valid_loss": row["loss"],
         "words_per_token": words / tokens,
-        "train_tokens_per_s": result["tokens_per_s"],
-        "train_words_per_s": result["tokens_per_s"] * words_per_token_train,
+        "train_tokens_per_s": row["tokens_per_s"],
+        "train_words_per_s": row["tokens_per_s"] * words_per_token_train,
         "train_words_seen": cfg.train.steps * cfg.train.batch_size * cfg.model.max_len * words_per_token_train,
         "samples": samples,
         "sample_words": float(np.mean([len(run.tokenizer.pre_tokenize(s)) for s in samples])) if samples else 0.0,
@@ -102,12 +95,12 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args([a for a in argv if not a.startswith("--config.")])
     workdir = Path(args.workdir)
     phrase_cfg = config_lib.apply_overrides(config_lib.load_config_file(CONFIG), overrides)
-    word_cfg = config_lib.from_dict(phrase_cfg.to_dict())
-    word_cfg.tokenizer.kind, word_cfg.tokenizer.phrase_vocab_size = "topword", 0
-
+    arms = arm_points(phrase_cfg)
+    sweep_rows = sweep.run_sweep(phrase_cfg, list(arms.values()), workdir, seeds=[phrase_cfg.train.seed],
+                                 labels=list(arms), quiet=args.quiet)
     docs = pipeline.load_documents(phrase_cfg.data)
     train_docs, valid_docs = pipeline.split_train_valid(docs, phrase_cfg.data.valid_fraction)
-    word_tok, phrase_tok = fit_tokenizers(phrase_cfg, train_docs, workdir)
+    phrase_tok = load_run(workdir / sweep_rows[1]["name"]).tokenizer
 
     stats = phrase_tok.stats(valid_docs, top=30)
     print(f"\nphrase tokens on the validation split: {stats['mean_words_per_token']:.3f} words/token, "
@@ -117,14 +110,7 @@ def main(argv: list[str]) -> None:
     print("most frequent phrases:", ", ".join(f"{p} ({n})" for p, n in stats["top_phrases"][:20]))
     print("a validation story as phrase tokens:\n  " + " ".join(phrase_tok.tokens(valid_docs[0])[:60]) + "\n")
 
-    rows = []
-    for name, cfg, tokenizer in (("word", word_cfg, word_tok), ("phrase", phrase_cfg, phrase_tok)):
-        arm_dir = workdir / name
-        start = time.perf_counter()
-        result = train.run(cfg, arm_dir, quiet=args.quiet)
-        print(f"{name}: trained in {time.perf_counter() - start:.0f}s", flush=True)
-        streams = [pipeline.TokenStream.encode(tokenizer, d) for d in (train_docs, valid_docs)]
-        rows.append(describe(name, cfg, arm_dir, result, *streams))
+    rows = [describe(name, workdir / row["name"], row, train_docs, valid_docs) for name, row in zip(arms, sweep_rows)]
 
     print(f"\n{'arm':8}{'vocab':>7}{'params':>9}{'words/tok':>11}{'loss/tok':>10}{'bits/word':>11}"
           f"{'words/s':>10}{'words seen':>12}")
@@ -145,4 +131,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except config_lib.ConfigError as err:
+        sys.exit(f"error: {err}")

@@ -15,7 +15,10 @@ measures for all arms, so curves compare like with like:
   * full perplexity: softmax over the whole vocabulary (meaningless for the valid-subset arms, shown to see it)
   * invalid mass: probability the full softmax puts on forbidden tokens ("what the model puts there"), at the
     positions where the grammar forbids any
-Writes WORKDIR/summary.json, WORKDIR/curves.png, WORKDIR/samples.png and prints a table.
+The three trained arms are one toyjax.sweep (resumable: finished arms are skipped) into WORKDIR/plain,seed=S,
+WORKDIR/valid_subset,seed=S and WORKDIR/valid_subset+state,seed=S (S: the config's train.seed), next to the sweep's
+WORKDIR/results.csv and results.md. Writes WORKDIR/summary.json, WORKDIR/curves.png, WORKDIR/samples.png and
+prints a table.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import sys
 from pathlib import Path
 
 import jax
@@ -33,16 +37,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from toyjax import config as config_lib
 from toyjax import grammar as grammar_lib
-from toyjax import load_run, train
+from toyjax import load_run, sweep, train
 from toyjax.data import run_data
 from toyjax.checkpoints import Checkpoints
 from toyjax.sample import cut_at_eos, sample
 
 CONFIG = ROOT / "experiments" / "configs" / "sparse_output.py"
-ARMS = {  # trained arm -> (train.loss, model.grammar_state_embedding)
-    "plain": ("full", False),
-    "valid_subset": ("valid_subset", False),
-    "valid_subset+state": ("valid_subset", True),
+ARMS = {  # trained arm -> its sweep point
+    "plain": {"train.loss": "full", "model.grammar_state_embedding": False},
+    "valid_subset": {"train.loss": "valid_subset", "model.grammar_state_embedding": False},
+    "valid_subset+state": {"train.loss": "valid_subset", "model.grammar_state_embedding": True},
 }
 
 
@@ -129,21 +133,22 @@ def main(argv=None):
         args.samples = min(args.samples, 32)
     workdir = Path(args.workdir)
     summary = {"arms": {}, "config": base.to_dict()}
-    for arm, (loss, embed) in ARMS.items():
-        cfg = config_lib.from_dict(base.to_dict())
-        cfg.train.loss, cfg.model.grammar_state_embedding = loss, embed
-        print(f"== training {arm}", flush=True)
-        result = train.run(cfg, workdir / arm, quiet=False)
-        summary["arms"][arm] = {"final_train_run": {k: v for k, v in result.items() if isinstance(v, (int, float))}}
+    rows = sweep.run_sweep(base, list(ARMS.values()), workdir, seeds=[base.train.seed], labels=list(ARMS),
+                           quiet=False)
+    arm_dirs = {arm: workdir / row["name"] for arm, row in zip(ARMS, rows)}
+    for arm, row in zip(ARMS, rows):
+        summary["arms"][arm] = {"workdir": row["name"], "final_train_run": {
+            "loss": row["loss"], "ppl": row["ppl"], "accuracy": row["accuracy"], "tokens_per_s": row["tokens_per_s"],
+            "step": row["steps"]}}
 
     tokens_per_step = base.train.batch_size * base.model.max_len
     for arm in ARMS:
-        steps = Checkpoints(workdir / arm / "checkpoints", read_only=True).steps()
-        last, batches, grammar, score = checkpoint_scoring(workdir / arm)
+        steps = Checkpoints(arm_dirs[arm] / "checkpoints", read_only=True).steps()
+        last, batches, grammar, score = checkpoint_scoring(arm_dirs[arm])
         summary["grammar"] = {"states": int(grammar.valid.shape[0]), "vocab_size": last.tokenizer.vocab_size}
         curve = []
         for step in steps:
-            params = last.params if step == last.step else load_run(workdir / arm, step).params
+            params = last.params if step == last.step else load_run(arm_dirs[arm], step).params
             curve.append({"step": step, "tokens": step * tokens_per_step, **score(params, batches)})
         print(f"{arm:20s} " + "  ".join(f"{c['step']}:{c['restricted_ppl']:.3f}" for c in curve), flush=True)
         summary["arms"][arm]["curve"] = curve
@@ -153,7 +158,7 @@ def main(argv=None):
                 "valid_subset (unconstrained, for reference)": ("valid_subset", False)}
     summary["sampling"] = {}
     for name, (arm, constrained) in variants.items():
-        run = load_run(workdir / arm)
+        run = load_run(arm_dirs[arm])
         grammar = run_data.run_grammar(run.config, run.tokenizer)
         summary["sampling"][name] = grammatical_share(run, grammar, constrained=constrained, n=args.samples)
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -209,4 +214,7 @@ def plot(summary, workdir: Path):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except config_lib.ConfigError as err:
+        sys.exit(f"error: {err}")

@@ -3,8 +3,11 @@
     python experiments/topk_attention.py --out runs/topk_attention [--steps 300 --ks 1,2,4,8 --config.KEY=VALUE]
 
 Every arm uses experiments/configs/topk.py (overrides apply to all arms) and differs only in model.attention
-("dense") or model.attention_top_k; the top-word tokenizer is fitted once and copied into every arm, so all see
-exactly the same tokens, windows and step budget. Reports per arm:
+("dense") or model.attention_top_k. The arms are one toyjax.sweep (resumable: finished arms are skipped) into
+OUT/dense,seed=S and OUT/k1,seed=S, OUT/k2,seed=S, ... (S: the config's train.seed), plus the sweep's
+OUT/results.csv and OUT/results.md. Each arm fits its top-word tokenizer on the same documents with the same
+tokenizer config, which gives the same tokenizer, so all see exactly the same tokens, windows and step budget.
+Reports per arm:
   * valid perplexity (toyjax.train.run on train.eval_batches batches of the held-out split; every other
     number below is measured on those same batches),
   * attention entropy in nats, per layer, averaged over heads and validation queries: from the kept top-k
@@ -19,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -31,19 +32,25 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 from toyjax import config as config_lib
-from toyjax import load_run, train
+from toyjax import load_run, sweep, train
 from toyjax.data import run_data
 from toyjax.models.decoder import Decoder
 
 CONFIG = ROOT / "experiments" / "configs" / "topk.py"
 
 
-def arm_config(base: config_lib.Config, top_k: int | None) -> config_lib.Config:
-    cfg = config_lib.from_dict(base.to_dict())
+def arm_point(top_k: int | None) -> dict:
+    """Returns the sweep point (config keys to set) of the dense arm (top_k None) or a top-k arm."""
     if top_k is None:
-        cfg.model.attention = "dense"
-    else:
-        cfg.model.attention, cfg.model.attention_top_k = "topk", top_k
+        return {"model.attention": "dense"}
+    return {"model.attention": "topk", "model.attention_top_k": top_k}
+
+
+def arm_config(base: config_lib.Config, top_k: int | None) -> config_lib.Config:
+    """Returns a copy of base with the arm's keys set."""
+    cfg = config_lib.from_dict(base.to_dict())
+    for key, value in arm_point(top_k).items():
+        config_lib.set_key(cfg, key, value)
     return cfg
 
 
@@ -131,30 +138,25 @@ def main(argv=None):
     ks = sorted({int(k) for k in args.ks.split(",") if k})
     out = Path(args.out)
 
+    top_ks = [None] + ks
+    names = ["dense" if top_k is None else f"k{top_k}" for top_k in top_ks]
+    rows = sweep.run_sweep(base, [arm_point(top_k) for top_k in top_ks], out, seeds=[base.train.seed],
+                           labels=names, quiet=True)
     arms = []
-    shared_tokenizer = None
-    for top_k in [None] + ks:
-        name = "dense" if top_k is None else f"k{top_k}"
-        workdir = out / name
-        if shared_tokenizer is not None and not (workdir / "tokenizer").exists():
-            shutil.copytree(shared_tokenizer, workdir / "tokenizer")  # same tokens for every arm
-        cfg = arm_config(base, top_k)
-        start = time.perf_counter()
-        print(f"== {name}: {cfg.train.steps} steps", flush=True)
-        result = train.run(cfg, workdir, quiet=True)
-        shared_tokenizer = shared_tokenizer or workdir / "tokenizer"
+    for name, top_k, row in zip(names, top_ks, rows):
+        workdir = out / row["name"]
         run = load_run(workdir)
         # The very batches (and grammar) train.run scored, so every perplexity in the table is on the same tokens.
         batches, grammar = run_data.validation_batches(run.config, run.tokenizer)
         samples = (workdir / "samples.txt").read_text().strip().split("\n\n")
         arms.append({
-            "name": name, "top_k": top_k, "valid_loss": result["loss"], "valid_ppl": result["ppl"],
-            "valid_accuracy": result["accuracy"], "tokens_per_s": result.get("tokens_per_s"),
+            "name": name, "workdir": row["name"], "top_k": top_k, "valid_loss": row["loss"], "valid_ppl": row["ppl"],
+            "valid_accuracy": row["accuracy"], "tokens_per_s": row["tokens_per_s"],
             "attention_entropy": entropies(run.model, run.params, batches), "sample": samples[0],
-            "seconds": time.perf_counter() - start,
+            "seconds": row["wall_s"],
         })
-        print(f"   valid ppl {result['ppl']:.3f}, entropy per layer "
-              f"{[round(e, 2) for e in arms[-1]['attention_entropy']]}, {arms[-1]['seconds']:.0f}s", flush=True)
+        print(f"== {name}: valid ppl {row['ppl']:.3f}, entropy per layer "
+              f"{[round(e, 2) for e in arms[-1]['attention_entropy']]}, trained in {row['wall_s']:.0f}s", flush=True)
         if top_k is None:
             dense_run, dense_batches, dense_grammar = run, batches, grammar
 
@@ -180,4 +182,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except config_lib.ConfigError as err:
+        sys.exit(f"error: {err}")

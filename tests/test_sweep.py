@@ -175,3 +175,43 @@ def test_a_changed_sweep_definition_in_the_same_folder_is_an_error(interrupted_s
     changed.train.steps = 6
     with pytest.raises(ConfigError, match=r"base_config\.train\.steps: workdir has 4, config asks 6"):
         sweep.run_sweep(changed, interrupted_sweep["points"], workdir, seeds=SEEDS)
+
+
+# -- labelled points (an experiment's arms, each setting several keys) ------------------------------------------
+
+
+def test_labels_name_the_sub_workdirs_instead_of_the_keys():
+    points = [{"model.attention": "dense"}, {"model.attention": "topk", "model.attention_top_k": 2}]
+    assert sweep.point_names(points, [0, 1], ["dense", "k2"]) == ["dense,seed=0", "dense,seed=1",
+                                                                  "k2,seed=0", "k2,seed=1"]
+
+
+@pytest.mark.parametrize("labels, message", [
+    (["a"], "one label per point; got 1 labels for 2 points"),
+    (["a", "a"], "labels must be distinct; repeated: a"),
+    (["a", "x/y"], "label 'x/y' cannot name a folder"),
+    (["a", ".."], "label '..' cannot name a folder"),
+    (["a", ""], "label '' cannot name a folder"),
+])
+def test_bad_labels_are_errors_before_anything_is_made(labels, message, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "run", lambda *a, **k: pytest.fail("nothing may run"))
+    with pytest.raises(ConfigError) as err:
+        sweep.run_sweep(base_config(), [{"model.d_model": 16}, {"model.d_model": 32}], tmp_path / "s", seeds=[0],
+                        labels=labels)
+    assert message in str(err.value)
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_labelled_point_trains_into_its_named_folder_and_is_skipped_when_run_again(tmp_path):
+    point = {"model.d_model": 16, "model.n_heads": 1}  # several keys in one point
+    lines = []
+    rows = sweep.run_sweep(base_config(), [point], tmp_path, seeds=[3], labels=["narrow"], echo=lines.append)
+    run = load_run(tmp_path / "narrow,seed=3")
+    assert rows[0]["name"] == "narrow,seed=3" and rows[0]["model.n_heads"] == 1
+    assert (run.config.model.d_model, run.config.model.n_heads, run.config.train.seed) == (16, 1, 3)
+    last_valid = [r for r in read_metrics(tmp_path / "narrow,seed=3") if r["split"] == "valid"][-1]
+    assert rows[0]["loss"] == pytest.approx(last_valid["loss"])
+    again = sweep.run_sweep(base_config(), [point], tmp_path, seeds=[3], labels=["narrow"], echo=lines.append)
+    assert again == rows and lines[1].endswith("skipped, ppl " + f"{rows[0]['ppl']:.4g}")
+    with pytest.raises(ConfigError, match="labels: workdir has \\['narrow'\\], config asks \\['thin'\\]"):
+        sweep.run_sweep(base_config(), [point], tmp_path, seeds=[3], labels=["thin"])

@@ -12,7 +12,8 @@
 
 From Python: `rows = run_sweep(base_config, [{"model.d_model": 64}, {"model.d_model": 128}], "runs/x", seeds=[0, 1])`.
 A point is a dict of dotted config keys to values; points may set different keys (e.g. a dense arm without
-model.attention_top_k). A point whose sub-workdir holds sweep_result.json is skipped; one with checkpoints but
+model.attention_top_k) and several keys at once. `labels=["small", "big"]` names each point's sub-workdirs
+('DIR/small,seed=0') in place of its key=value list, for points that set many keys (an experiment's arms). A point whose sub-workdir holds sweep_result.json is skipped; one with checkpoints but
 no result resumes from them (toyjax.train.run does that).
 """
 
@@ -123,8 +124,26 @@ def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._+-]", "_", text)
 
 
-def point_names(points: list[dict], seeds: list[int]) -> list[str]:
-    """Returns one filesystem-safe, unique name per (point, seed), points outer: 'd_model=64,vocab_size=500,seed=0'."""
+def check_labels(labels: list[str], points: list[dict]) -> None:
+    """Raises ConfigError unless there is one distinct, non-empty, filesystem-safe label per point."""
+    if len(labels) != len(points):
+        raise ConfigError(f"a sweep needs one label per point; got {len(labels)} labels for {len(points)} points")
+    for label in labels:
+        if not isinstance(label, str) or not label or label in (".", "..") or _safe(label) != label:
+            raise ConfigError(f"sweep label {label!r} cannot name a folder; use letters, digits and . _ + -")
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:
+        raise ConfigError(f"sweep labels must be distinct; repeated: {', '.join(repeated)}")
+
+
+def point_names(points: list[dict], seeds: list[int], labels: list[str] | None = None) -> list[str]:
+    """Returns one filesystem-safe, unique name per (point, seed), points outer: 'd_model=64,vocab_size=500,seed=0'.
+
+    labels (checked by check_labels): a point's label replaces its key=value list ('dense,seed=0').
+    """
+    if labels is not None:
+        check_labels(labels, points)
+        return [f"{label},seed={seed}" for label, seed in itertools.product(labels, seeds)]
     short = short_key_names(list(dict.fromkeys(k for point in points for k in point)))
     names, identities = [], []
     for point, seed in itertools.product(points, seeds):
@@ -186,11 +205,12 @@ def _write_json_atomically(path: Path, value: Any) -> None:
 
 
 def run_sweep(base: Config, points: list[dict], workdir: str | Path, *, seeds: list[int] = (0,), metric: str = "ppl",
-              quiet: bool = True, echo: Callable[[str], None] = print) -> list[dict]:
-    """Returns the results table (one dict per point and seed) after training, or skipping, every point.
+              quiet: bool = True, echo: Callable[[str], None] = print, labels: list[str] | None = None) -> list[dict]:
+    """Returns the results table (one dict per point and seed, points outer) after training, or skipping, every point.
 
-    Everything is validated before the first folder is made. Writes results.csv after every point and
-    results.md and the plots at the end (see the module docstring).
+    Each row's "name" is its sub-workdir under workdir. labels: one name per point for its sub-workdirs (see
+    point_names); None names them from the swept keys. Everything is validated before the first folder is made.
+    Writes results.csv after every point and results.md and the plots at the end (see the module docstring).
     """
     if metric not in METRICS:
         raise ConfigError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
@@ -199,7 +219,7 @@ def run_sweep(base: Config, points: list[dict], workdir: str | Path, *, seeds: l
         raise ConfigError(f"seeds must be distinct integers, got {seeds}")
     points = [{key: get_key(point_config(base, point, 0), key) for key in point} for point in points]  # typed values
     keys = list(dict.fromkeys(k for point in points for k in point))
-    names = point_names(points, seeds)
+    names = point_names(points, seeds, labels)
     if len(set(names)) != len(names):
         twice = sorted({name for name in names if names.count(name) > 1})
         raise ConfigError(f"the sweep lists the same point twice: {', '.join(twice)}")
@@ -207,7 +227,7 @@ def run_sweep(base: Config, points: list[dict], workdir: str | Path, *, seeds: l
             for (point, seed), name in zip(itertools.product(points, seeds), names)]
     workdir = Path(workdir)
     definition = json.loads(json.dumps({"base_config": base.to_dict(), "points": points, "seeds": seeds,
-                                        "metric": metric}))
+                                        "labels": None if labels is None else list(labels), "metric": metric}))
     _check_definition(workdir, definition)
     workdir.mkdir(parents=True, exist_ok=True)
     _write_json_atomically(workdir / DEFINITION_FILE, definition)

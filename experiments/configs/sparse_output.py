@@ -4,7 +4,7 @@ python experiments/sparse_output.py --workdir runs/sparse_output
 (trains three arms through toyjax.train.run on the same data and budget: plain (train.loss="full"),
 valid_subset, valid_subset + model.grammar_state_embedding; a fourth arm samples the plain model under the
 grammar constraint). Single arm: python launch.py train --config experiments/configs/sparse_output.py
---workdir runs/sparse_output/plain
+--workdir runs/sparse_output_plain
 Expect (seeds 0 and 1): every finished constrained sample is grammatical, for every arm, against 70-83 % for free
 sampling of the plain model; valid-restricted perplexity after 600 steps ~5.7 for valid_subset vs ~6.1 for plain
 (valid_subset at 300 steps already beats plain at 600), ~5.86 with the state embedding (no gain at this scale);
