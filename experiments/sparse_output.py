@@ -35,6 +35,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from toyjax.cli import run_reporting_errors
 from toyjax import config as config_lib
 from toyjax import grammar as grammar_lib
 from toyjax import load_run, sweep, train
@@ -214,7 +215,4 @@ def plot(summary, workdir: Path):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except config_lib.ConfigError as err:
-        sys.exit(f"error: {err}")
+    sys.exit(run_reporting_errors(main))

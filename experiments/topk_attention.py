@@ -31,6 +31,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from toyjax.cli import run_reporting_errors
 from toyjax import config as config_lib
 from toyjax import load_run, sweep, train
 from toyjax.data import run_data
@@ -182,7 +183,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except config_lib.ConfigError as err:
-        sys.exit(f"error: {err}")
+    sys.exit(run_reporting_errors(main))
