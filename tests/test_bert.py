@@ -284,10 +284,10 @@ def test_bert_adapt_command_overrides_reach_training(tmp_path, monkeypatch, caps
 
 
 @pytest.mark.parametrize("override, message", [
-    ("--config.bert_adapt.mask_rate=0", r"bert_adapt.mask_rate must be in (0, 1], got 0.0"),
-    ("--config.bert_adapt.mask_rate=1.5", r"bert_adapt.mask_rate must be in (0, 1], got 1.5"),
+    ("--config.bert_adapt.mask_rate=0", r"bert_adapt.mask_rate=0.0 must be in (0, 1]"),
+    ("--config.bert_adapt.mask_rate=1.5", r"bert_adapt.mask_rate=1.5 must be in (0, 1]"),
     ("--config.bert_adapt.mask_rat=0.3", "unknown config key 'bert_adapt.mask_rat'; did you mean 'bert_adapt.mask_rate'?"),
-    ("--config.bert_adapt.steps=0", "bert_adapt.steps must be at least 1, got 0"),
+    ("--config.bert_adapt.steps=0", "bert_adapt.steps=0 must be >= 1"),
     ("--config.bert_adapt.seq_len=65", "bert_adapt.seq_len=65 exceeds the model's 64 positions"),
     ("--config.bert_adapt.corpus=", "bert_adapt.corpus is required"),
     ("--config.bert_adapt.corpus=MISSING", "bert_adapt.corpus: file MISSING does not exist"),
