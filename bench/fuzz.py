@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from toyjax import fuzz, probes as probes_lib, train
+from toyjax import fuzz, fuzz_edits, probes as probes_lib
 from toyjax.data import pipeline
 from toyjax.models.decoder import Decoder, init_params
 from toyjax.runs import Run
@@ -51,8 +51,8 @@ def main() -> None:
     stories = fuzz.held_out_stories([run], 3 * args.probes, 0)
     probe_list = [p for p in probes_lib.make_probes(stories, args.probes) if probes_lib.expressible(run.tokenizer, p)]
     oracle = fuzz.ORACLES["invariance"]
-    readable = fuzz.readable_words([run], keep_class=True)
-    items = [(p.prompt, fuzz.prompt_words(p.prompt), oracle.slots(p, fuzz.prompt_words(p.prompt), readable, True))
+    readable = fuzz_edits.readable_words([run], keep_class=True)
+    items = [(p.prompt, fuzz_edits.prompt_words(p.prompt), oracle.slots(p, fuzz_edits.prompt_words(p.prompt), readable, True))
              for p in probe_list]
     targets = fuzz.Targets({"model": run}, stories)
 
@@ -75,7 +75,7 @@ def main() -> None:
                     if n == args.naive_limit:
                         return n, mlm, decoder
                     started = time.perf_counter()
-                    fuzz.score_edits(bert, [(prompt, words, [fuzz.Slot(slot.positions, slot.old, (e.new,))])], 1)
+                    fuzz.score_edits(bert, [(prompt, words, [fuzz_edits.Slot(slot.positions, slot.old, (e.new,))])], 1)
                     middle = time.perf_counter()
                     targets.observe(oracle, ["model"], [fuzz.edited_probe(p, words, [e], False)])
                     mlm, decoder, n = mlm + middle - started, decoder + time.perf_counter() - middle, n + 1

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import launch
-from toyjax import fuzz, fuzz_report, probes as probes_lib
+from toyjax import fuzz, fuzz_edits, fuzz_report, probes as probes_lib
 from toyjax.data import stories
 from toyjax.runs import Run
 from toyjax.testing import bigram_logits, bigram_run, tiny_config
@@ -102,13 +102,13 @@ def test_the_fuzzer_finds_the_cue_a_model_relies_on(world, cue_results):
 def test_every_edit_is_in_every_target_vocabulary(world, cue_results):
     results, _ = cue_results
     tokenizer = world["tokenizer"]
-    class_words = [w for words in fuzz.WORD_CLASSES.values() for w in words]
+    class_words = [w for words in fuzz_edits.WORD_CLASSES.values() for w in words]
     assert any(not probes_lib.in_vocabulary(tokenizer, w) for w in class_words)  # the restriction has teeth
     edits = [e for a in results["attacks"] if a["status"] == "broken" for e in a["edits"]]
     assert edits
     for e in edits:
         assert probes_lib.in_vocabulary(tokenizer, e["new"]), e
-        assert fuzz.CLASS_OF[e["new"].lower()] == fuzz.CLASS_OF[e["old"].lower()]  # keep_class
+        assert fuzz_edits.CLASS_OF[e["new"].lower()] == fuzz_edits.CLASS_OF[e["old"].lower()]  # keep_class
 
 
 def test_every_break_flips_the_oracle_under_an_independent_forward(world, cue_results):
@@ -165,7 +165,7 @@ def test_a_fixed_seed_reproduces_the_run(world):
 
 def test_beam_search_finds_the_fewest_most_plausible_breaking_edits_against_brute_force():
     rng = np.random.default_rng(0)
-    edits = [fuzz.Edit((i // 2,), "a", f"w{i}", 0.0, float(rng.normal())) for i in range(10)]
+    edits = [fuzz_edits.Edit((i // 2,), "a", f"w{i}", 0.0, float(rng.normal())) for i in range(10)]
     needed = [{1, 4}, {7, 8}, {2, 9}]  # break iff the set contains one of these pairs
     calls = []
 

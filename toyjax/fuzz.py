@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import re
 from typing import Callable, Sequence
 
 import jax
@@ -52,90 +51,13 @@ from toyjax.config import ConfigError
 from toyjax.data import stories as stories_lib
 from toyjax import bert as bert_lib  # the one BERT import of the fuzzer
 from toyjax.data.run_data import run_grammar
+from toyjax.fuzz_edits import (BASE_CLASSES, CLASS_OF, ENTITY_CLASSES, FACT_FREE, Edit, Slot, Word, apply_edits,
+                               prompt_words, readable_words, surface)
 from toyjax.runs import Run
 
 CONTINUATION_WORDS = 16
 # BERT sees this many words either side of the mask: short rows pack into one sequence length (one compilation).
 MLM_CONTEXT_WORDS = 12
-_OTHER_CLASSES = {"pronoun": ["she", "he", "her", "his", "him"], "speech": ["said"], "motion": ["went"]}
-_BASE_CLASSES = {"girl": stories_lib.GIRLS, "boy": stories_lib.BOYS, "colour": stories_lib.COLOURS,
-                 "object": stories_lib.OBJECTS, "pet": stories_lib.PETS, "place": stories_lib.PLACES,
-                 "play": stories_lib.PLAY, "feeling": stories_lib.FEELINGS, "size": stories_lib.SIZES,
-                 **_OTHER_CLASSES}
-# Each class holds its words and their rare synonyms; a word belongs to the first class listing it.
-WORD_CLASSES = {name: list(dict.fromkeys(w for base in words for w in [base, *stories_lib.SYNONYMS.get(base, [])]))
-                for name, words in _BASE_CLASSES.items()}
-CLASS_OF = {}
-for _name, _words in WORD_CLASSES.items():
-    for _word in _words:
-        CLASS_OF.setdefault(_word.lower(), _name)
-NAME_CLASSES = ("girl", "boy")
-# Classes whose words carry no fact a probe of the family asks about (edits must leave the right answer alone).
-FACT_FREE = {
-    "owner": {"size", "feeling", "play", "place", "pet", "speech", "motion"},
-    "location": {"size", "feeling", "play", "colour", "object", "pet", "speech", "motion"},
-    "pronoun": {"size", "feeling", "play", "colour", "object", "pet", "place", "speech", "motion"},
-}
-ENTITY_CLASSES = ("girl", "boy", "colour", "object", "place")  # what consistent substitution renames
-_WORD_RE = re.compile(r"[A-Za-z]+")
-
-
-@dataclasses.dataclass(frozen=True)
-class Word:
-    start: int
-    end: int
-    text: str
-
-
-@dataclasses.dataclass(frozen=True)
-class Slot:
-    """Something to edit: word positions changed together (one, or every occurrence of an entity) and choices."""
-
-    positions: tuple[int, ...]
-    old: str
-    choices: tuple[str, ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class Edit:
-    positions: tuple[int, ...]
-    old: str
-    new: str
-    log_prob: float  # MLM log P(new) summed over the positions, each masked alone in the clean prompt
-    relative: float  # log P(new) - log P(old), summed the same way
-
-
-def prompt_words(text: str) -> list[Word]:
-    return [Word(m.start(), m.end(), m.group(0)) for m in _WORD_RE.finditer(text)]
-
-
-def surface(word: str, like: str) -> str:
-    """Returns `word` spelled for the text: names capitalised, else capitalised where the replaced word was."""
-    if CLASS_OF.get(word.lower()) in NAME_CLASSES or like[:1].isupper():
-        return word[:1].upper() + word[1:]
-    return word.lower()
-
-
-def apply_edits(text: str, words: list[Word], edits: Sequence[Edit]) -> str:
-    """Returns text with each edit's positions replaced by its new word (in the replaced word's case)."""
-    replacements = {p: e.new for e in edits for p in e.positions}
-    out, cursor = [], 0
-    for index in sorted(replacements):
-        word = words[index]
-        out += [text[cursor:word.start], surface(replacements[index], word.text)]
-        cursor = word.end
-    return "".join(out) + text[cursor:]
-
-
-def readable_words(runs: Sequence[Run], keep_class: bool) -> list[str]:
-    """Returns the replacement words every run's tokenizer has as vocabulary words (class words, or all words)."""
-    if keep_class:
-        pool = [w for words in WORD_CLASSES.values() for w in words]
-    else:
-        pool = [w for w in runs[0].tokenizer.vocab if w and _WORD_RE.fullmatch(w)]
-    return [w for w in dict.fromkeys(pool) if all(probes_lib.in_vocabulary(r.tokenizer, w) for r in runs)]
-
-
 # -- oracles --------------------------------------------------------------------------------------------------
 
 
@@ -162,12 +84,12 @@ def entity_slots(probe, words: list[Word], readable: list[str]) -> list[Slot]:
     used = set(lowered) | {c.lower() for c in probe.candidates}
     slots = []
     for cls in ENTITY_CLASSES:
-        for base in _BASE_CLASSES[cls]:
+        for base in BASE_CLASSES[cls]:
             key = base.lower()
             if key not in lowered or any(s in lowered for s in stories_lib.SYNONYMS.get(base, [])):
                 continue
             choices = [w for w in readable if CLASS_OF.get(w.lower()) == cls and w.lower() not in used
-                       and w in _BASE_CLASSES[cls]]
+                       and w in BASE_CLASSES[cls]]
             if choices:
                 slots.append(Slot(tuple(i for i, w in enumerate(lowered) if w == key), base, tuple(choices)))
     return slots
