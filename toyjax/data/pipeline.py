@@ -7,7 +7,7 @@ import zlib
 
 import numpy as np
 
-from toyjax.config import DataConfig, TokenizerConfig
+from toyjax.config import GRAMMAR_SOURCES, DataConfig, TokenizerConfig
 from toyjax.data import stories, text
 
 
@@ -16,7 +16,7 @@ def load_documents(cfg: DataConfig) -> list[str]:
     source = cfg.source
     if source == "stories":
         docs = stories.generate_texts(cfg.n_stories, cfg.generator_seed)
-    elif source in ("structured", "mixed"):
+    elif source in GRAMMAR_SOURCES:
         from toyjax.data import structured
 
         n_structured = cfg.n_stories if source == "structured" else int(round(cfg.n_stories * cfg.structured_share))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from toyjax import grammar as grammar_lib
-from toyjax.config import Config
+from toyjax.config import GRAMMAR_SOURCES, Config
 from toyjax.data import pipeline
 
 
@@ -17,7 +17,7 @@ def run_grammar(cfg: Config, tokenizer):
 
     The one way to get them: anything that re-scores or samples a run must use these tables, not compile its own.
     """
-    if cfg.data.source not in ("structured", "mixed"):
+    if cfg.data.source not in GRAMMAR_SOURCES:
         return None
     # Alone, every document is a program; mixed with stories, a document enters the grammar at its first token.
     return grammar_lib.compile_grammar(grammar_lib.load_default_grammar(), tokenizer.token_to_id,
