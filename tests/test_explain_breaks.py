@@ -22,7 +22,6 @@ from toyjax.interp import explain
 from toyjax.models.decoder import Decoder
 from toyjax.runs import load_run
 from toyjax.testing import tiny_config
-from toyjax.tokenizers import TopWordTokenizer
 
 from conftest import ROOT
 
@@ -128,16 +127,16 @@ def fuzzed(tmp_path_factory):
     train.run(tiny_config(train={"steps": 4}), root / "run", quiet=True)
     run = load_run(root / "run")
     texts = stories.generate_texts(300, 0)
-    words = sorted({w for t in texts for w in TopWordTokenizer.fit(texts, vocab_size=130).pre_tokenize(t)})
+    words = sorted({w for t in texts for w in run.tokenizer.pre_tokenize(t)})
     config = fuzz.bert_lib.BertConfig(vocab_size=5 + len(words), hidden_size=32, num_hidden_layers=2,
                                       num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)
     bert = fuzz.bert_lib.load(fuzz.bert_lib.write_random_folder(root / "bert", words, config))
     probe_stories = fuzz.held_out_stories([run], 60, 0)
-    probe_list = probes_lib.make_probes(probe_stories, 6)
+    probe_list = probes_lib.make_probes(probe_stories, 3)
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(fuzz.ORACLES, "flip", flip_oracle())
         results = fuzz.fuzz({"run": run}, bert, probe_stories, probe_list,
-                            fuzz.FuzzSettings(budget=40, max_edits=2, oracles=("flip",)))
+                            fuzz.FuzzSettings(budget=24, max_edits=2, oracles=("flip",)))
     breaks = [a for a in results["attacks"] if a["status"] == "broken"]
     assert breaks, "the fuzzer found no break to explain"
     # A substitution record (renamed answers) must be skipped, with its reason, not patched.
