@@ -30,6 +30,7 @@ from toyjax.config import ConfigError
 from toyjax.interp import explain, plot_patching
 from toyjax.report_html import markdown_table
 
+SMALL_GAP = 0.1  # nats: a clean - corrupted logit difference below this makes recovered fractions noisy
 BREAK_KEYS = ("oracle", "family", "story", "models", "clean", "corrupted", "edits")
 
 
@@ -101,6 +102,10 @@ def explain_break(index: int, record: dict, name: str, run, patchers: dict, top_
             "corrupted_tokens": list(pair.corrupted_labels), "edited_positions": list(pair.edited), "patching": patching}
 
 
+def _number(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def _cells(summary: dict, part: str) -> str:
     if part == "heads":
         return ", ".join(f"L{c['layer']}H{c['head']} {c['recovered']:.2f}" for c in summary["top_heads"])
@@ -138,12 +143,14 @@ def render_markdown(entries: list[dict], summary: dict, figures: dict) -> str:
             continue
         out += [f"Picks {e['answer']!r} clean, {e['wrong']!r} corrupted; logit difference {e['clean_metric']:.3f} -> "
                 f"{e['corrupted_metric']:.3f} ({'equals' if e['metric_equals_probe_margin'] else 'approximates'} the "
-                "probe's score margin).", ""]
+                "probe's score margin)."
+                + (f" The gap is under {SMALL_GAP} nats, so recovered fractions are noisy." if
+                   abs(e["clean_metric"] - e["corrupted_metric"]) < SMALL_GAP else ""), ""]
         rows = [[part, ", ".join(f"L{x['layer']} {x['recovered']:.2f}" for x in p["summary"]["top_layers"]),
                  "" if part == "heads" else ", ".join(f"{x['position']} {x['token']!r}{'*' if x['edited'] else ''} "
                                                      f"{x['recovered']:.2f}" for x in p["summary"]["top_positions"]),
                  _cells(p["summary"], part),
-                 "" if part == "heads" else f"{p['summary']['edited_best']:.2f} / {p['summary']['elsewhere_best']}"]
+                 "" if part == "heads" else f"{p['summary']['edited_best']:.2f} / {_number(p['summary']['elsewhere_best'])}"]
                 for part, p in e["patching"].items()]
         out += [markdown_table(["patched", "top layers", "top positions", "top cells", "edited best / elsewhere best"],
                                rows), ""]
