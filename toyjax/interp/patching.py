@@ -89,7 +89,7 @@ def run_patched(run, corrupted_tokens, corrupted_resid, layer: int, hook: str, e
 
 
 def patch_activation(run, clean_tokens, corrupted_tokens, metric: Metric, activation: str = "hook_resid_pre", *,
-                     index: str = "position", batch_size: int | None = 8) -> PatchResult:
+                     index: str = "position", batch_size: int | None = 8, chunk_size: int = 16) -> PatchResult:
     """Returns the metric with one clean activation patched into the corrupted run, for each layer × index.
 
     activation: a per-layer hook name after "blocks.{i}.", e.g. "hook_resid_pre", "hook_attn_out", "hook_mlp_out",
@@ -114,11 +114,12 @@ def patch_activation(run, clean_tokens, corrupted_tokens, metric: Metric, activa
     model, variables = model_and_variables(run)
     # One program per call: eager vmapped flax runs op by op, which is many times slower than compiling.
     patch = jax.jit(lambda variables, clean, corrupted: _patch_activation(
-        (model, variables), clean, corrupted, metric, activation, index, batch_size))
+        (model, variables), clean, corrupted, metric, activation, index, batch_size, chunk_size))
     return patch(variables, clean_tokens, corrupted_tokens)
 
 
-def _patch_activation(run, clean_tokens, corrupted_tokens, metric, activation, index, batch_size) -> PatchResult:
+def _patch_activation(run, clean_tokens, corrupted_tokens, metric, activation, index, batch_size,
+                      chunk_size) -> PatchResult:
     model = model_and_variables(run)[0]
     n_layers = model.cfg.n_layers
     names = [f"blocks.{i}.{activation}" for i in range(n_layers)]
@@ -131,7 +132,7 @@ def _patch_activation(run, clean_tokens, corrupted_tokens, metric, activation, i
                          f"{names[0]} is {shape}")
     if index != "head" and causal_suffix_patching_applies(model.cfg, activation):
         patched = _patch_causal_suffixes(run, clean, corrupted, corrupted_tokens, corrupted_logits, names, starts,
-                                         metric, index, batch_size)
+                                         metric, index, batch_size, chunk_size)
         return PatchResult(patched, metric(clean_logits), metric(corrupted_logits))
     n_pos, n_heads = shape[1], shape[2] if len(shape) == 4 else 0
     indices = {"position": jnp.arange(n_pos), "head": jnp.arange(n_heads),
@@ -148,14 +149,13 @@ def _patch_activation(run, clean_tokens, corrupted_tokens, metric, activation, i
 
 
 def _patch_causal_suffixes(run, clean, corrupted, corrupted_tokens, corrupted_logits, names, starts, metric, index,
-                           batch_size):
+                           batch_size, chunk):
     """Returns patched [layer, pos] (or [layer, pos, head]) from runs over suffixes (toyjax/interp/suffix_patching)."""
     n_layers, n_pos = len(names), corrupted_tokens.shape[1]
     n_heads = clean[names[0]].shape[2] if index == "position_head" else 1
     read_position = getattr(metric, "reads_position", None)
     end = n_pos if read_position is None else read_position % n_pos + 1  # patches after `end` change nothing read
     read_position = None if read_position is None else end - 1
-    chunk = max(1, (batch_size or 8) // n_heads)  # positions per vmapped step, all starting at the chunk's start
     chunk_starts = range(0, end, chunk)
     states = decode_states(run, corrupted_tokens, chunk_starts)
     corrupted_metric = metric(corrupted_logits)
@@ -173,7 +173,7 @@ def _patch_causal_suffixes(run, clean, corrupted, corrupted_tokens, corrupted_lo
             indices = positions if index == "position" else (positions, jnp.arange(len(positions)) % n_heads)
             pieces.append(run_patched_suffix(run, corrupted_tokens, corrupted[starts[layer]], corrupted_logits,
                                              states[start], layer, name, edit, indices, metric, start=start,
-                                             read_position=read_position))
+                                             read_position=read_position, batch_size=batch_size))
         unread = jnp.broadcast_to(corrupted_metric, ((n_pos - end) * n_heads,) + jnp.shape(corrupted_metric))
         rows.append(jnp.concatenate(pieces + [unread.astype(pieces[0].dtype)]))
     patched = jnp.stack(rows)
