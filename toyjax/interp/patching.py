@@ -7,7 +7,8 @@ replaced by its clean value, for every layer and position (or head) at once.
 
 The clean and corrupted runs are cached once. All patched runs of a layer are one vmapped run (jax.vmap, or
 jax.lax.map in batches of batch_size); each starts from the corrupted run's cached residual stream at the patched
-layer, so the layers below are dead code and are never computed again. patch_activation compiles one program per
+layer, so the layers below are dead code and are never computed again. Position patches on a KV-cache-capable
+model also skip the positions before the patch (causality; toyjax/interp/suffix_patching.py). patch_activation compiles one program per
 call (and is traceable, so it also runs inside a caller's jax.jit); run_patched is the traceable building block.
 """
 
@@ -98,6 +99,8 @@ def patch_activation(run, clean_tokens, corrupted_tokens, metric: Metric, activa
     ([layer, pos, head]); the head indices need a [batch, pos, head, d_head] activation.
     batch_size: patched runs per vmapped step; None = all of a layer's runs in one vmap (for GPU/TPU: on CPU a
     big batch thrashes the caches, and bench/patching.py measured 8 fastest).
+    chunk_size: positions whose suffix runs share one start (bench/patching.py: 16 was 7.9x the loop, 32 6.6x);
+    each chunk is one more compiled copy of the model, so compile time grows as positions / chunk_size.
 
     Patching position p cannot change a causal model at positions before p, so for position indices of a
     per-position activation on a KV-cache-capable model (models/kv_cache.py) each patched run computes only the
