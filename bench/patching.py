@@ -8,8 +8,10 @@ one-run-per-index Python loop, side by side in one run, compile time reported ap
 Both sides are jitted and share the clean and corrupted caches' definition. The loop is the fair baseline: one
 compiled hooked forward pass per layer (the position is an argument, so it compiles once per layer), called once
 per (layer, position) from Python, as TransformerLens's patching helpers do. The vectorised side is one program:
-for each layer a vmap over positions, each run starting from the corrupted run's cached residual stream at that
-layer. Random-init weights: the timing does not depend on what the model learned.
+for each layer and chunk of positions a jax.lax.map over the chunk's patched runs, each starting from the corrupted
+run's cached residual stream at that layer and its KV-cache state at the chunk's start, and computing the positions
+from there on only (toyjax/interp/suffix_patching.py; the metric reads the last position, so the last layer runs
+there alone). Random-init weights: the timing does not depend on what the model learned.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8,
                         help="patched runs per vmapped step (jax.lax.map); 0 = all of a layer's runs in one vmap")
+    parser.add_argument("--chunk-size", type=int, default=16,
+                        help="positions whose patched runs share one suffix start (compile time grows with n/chunk)")
     parser.add_argument("--quick", action="store_true", help="32 positions, 2 repeats")
     args = parser.parse_args()
     length, repeats = (32, 2) if args.quick else (args.length, args.repeats)
@@ -55,8 +59,8 @@ def main() -> None:
     metric = interp.logit_difference([3], [4])
 
     # Vectorised: one program for every layer and position.
-    vectorised = jax.jit(lambda v, c, x: interp.patch_activation((model, v), c, x, metric,
-                                                                         batch_size=args.batch_size or None).patched)
+    vectorised = jax.jit(lambda v, c, x: interp.patch_activation(
+        (model, v), c, x, metric, batch_size=args.batch_size or None, chunk_size=args.chunk_size).patched)
     start = time.perf_counter()
     vectorised_compiled = vectorised.lower(variables, clean, corrupted).compile()
     vectorised_compile = time.perf_counter() - start
@@ -92,7 +96,8 @@ def main() -> None:
 
     n_runs = cfg.n_layers * length
     print(f"model: d_model {cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads} heads, vocab {cfg.vocab_size}; "
-          f"{length} positions -> {n_runs} patched runs; batch size {args.batch_size or 'all'}; "
+          f"{length} positions -> {n_runs} patched runs; batch size {args.batch_size or 'all'}, "
+          f"chunk size {args.chunk_size}; "
           f"backend {jax.default_backend()}")
     print(f"{'':12}{'run (s)':>10}{'compile (s)':>13}{'runs/s':>10}")
     print(f"{'loop':12}{loop_time:10.3f}{loop_compile:13.2f}{n_runs / loop_time:10.0f}")

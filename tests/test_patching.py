@@ -1,19 +1,31 @@
 """Activation patching: vectorised runs against one hooked full forward pass per index."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from toyjax import interp
-from toyjax.config import ModelConfig
+from toyjax.config import ModelConfig, MoEConfig
+from toyjax.interp import suffix_patching
 from toyjax.models.decoder import Decoder
 
 
-@pytest.fixture(scope="module")
-def pair():
-    """A tiny decoder and a clean / corrupted pair that differ at positions 1 and 3."""
-    cfg = ModelConfig(vocab_size=20, d_model=16, n_layers=2, n_heads=2, d_ff=32, max_len=8)
+TINY = ModelConfig(vocab_size=20, d_model=16, n_layers=2, n_heads=2, d_ff=32, max_len=8)
+MODELS = {
+    "dense": TINY,
+    "rotary_topk": dataclasses.replace(TINY, positions="rotary", attention="topk", attention_top_k=2),
+    # Capacity 2 per expert for 5 positions x 2 choices over 4 experts: tokens are dropped, so a suffix run must
+    # start from the corrupted prefix's expert counts.
+    "moe_capacity": dataclasses.replace(TINY, ffn="moe", moe=MoEConfig(n_experts=4, top_k=2, capacity_factor=0.5,
+                                                                        dispatch="einsum")),
+}
+
+
+def make_pair(cfg):
+    """A decoder with perturbed random weights and a clean / corrupted pair that differ at positions 1 and 3."""
     decoder = Decoder(cfg)
     rng = np.random.default_rng(0)
     clean = jnp.asarray(rng.integers(0, 20, (2, 5)), jnp.int32)
@@ -23,60 +35,83 @@ def pair():
     return (decoder, params), clean, corrupted
 
 
+@pytest.fixture(scope="module")
+def pair():
+    return make_pair(TINY)
+
+
 def naive_patching(run, clean_tokens, corrupted_tokens, metric, activation, index):
-    """The one-run-per-index loop: a full hooked forward pass for every layer and index."""
+    """The one-run-per-index loop: a full hooked forward pass for every layer and index (jitted per layer)."""
     names = [f"blocks.{i}.{activation}" for i in range(2)]
     _, clean = interp.run_with_cache(run, clean_tokens, names)
     n_pos, n_heads = clean[names[0]].shape[1], 2
-    slots = {"position": [(p,) for p in range(n_pos)], "head": [(slice(None), h) for h in range(n_heads)],
+    slots = {"position": [(p,) for p in range(n_pos)], "head": [(h,) for h in range(n_heads)],
              "position_head": [(p, h) for p in range(n_pos) for h in range(n_heads)]}[index]
     out = np.zeros((2, len(slots)))
     for layer, name in enumerate(names):
+        def where(slot):
+            return (slice(None), slice(None), slot[0]) if index == "head" else (slice(None),) + slot
+
+        @jax.jit
+        def one(slot, value=clean[name]):
+            hook = {name: lambda x: x.at[where(slot)].set(value[where(slot)])}
+            return metric(interp.run_with_hooks(run, corrupted_tokens, hook))
+
         for j, slot in enumerate(slots):
-            where = (slice(None),) + slot
-            hook = {name: lambda x, where=where, value=clean[name]: x.at[where].set(value[where])}
-            out[layer, j] = float(metric(interp.run_with_hooks(run, corrupted_tokens, hook)))
+            out[layer, j] = float(one(tuple(jnp.int32(i) for i in slot)))
     return out.reshape(2, n_pos, n_heads) if index == "position_head" else out
 
 
-@pytest.mark.parametrize("activation,index", [("hook_resid_pre", "position"), ("hook_mlp_out", "position"),
-                                              ("attn.hook_z", "head"), ("attn.hook_z", "position_head")])
-def test_vectorised_patching_equals_the_naive_loop(pair, activation, index):
-    run, clean, corrupted = pair
-    metric = interp.logit_difference([2, 5], [7, 9])
-    result = interp.patch_activation(run, clean, corrupted, metric, activation, index=index)
+def every_position_metric(logits):
+    """A metric that reads the logits at every position (no reads_position): the suffix runs compute them all."""
+    return jnp.sum(jnp.arange(1.0, logits.shape[1] + 1) * jnp.mean(logits[:, :, 2] - logits[:, :, 7], axis=0))
+
+
+@pytest.mark.parametrize("model,activation,index,reads_one_position", [
+    ("dense", "hook_resid_pre", "position", True), ("dense", "hook_attn_out", "position", False),
+    ("rotary_topk", "attn.hook_z", "position", True), ("rotary_topk", "hook_resid_pre", "position", False),
+    ("moe_capacity", "hook_resid_pre", "position", False), ("moe_capacity", "attn.hook_z", "position_head", True)])
+def test_suffix_patching_equals_the_naive_loop(model, activation, index, reads_one_position):
+    """Runs over suffixes from the corrupted KV-cache state, in uneven chunks (2, 2, 1 of 5 positions), for a
+    metric that reads one position (the last layer runs there alone) or one that reads them all."""
+    run, clean, corrupted = make_pair(MODELS[model])
+    assert suffix_patching.causal_suffix_patching_applies(MODELS[model], activation)
+    metric = interp.logit_difference([2, 5], [7, 9]) if reads_one_position else every_position_metric
+    result = interp.patch_activation(run, clean, corrupted, metric, activation, index=index, chunk_size=2,
+                                     batch_size=3)
     want = naive_patching(run, clean, corrupted, metric, activation, index)
-    np.testing.assert_allclose(result.patched, want, atol=1e-5)
-    assert np.abs(want).max() > 1e-3 and np.ptp(want) > 1e-3  # the patches do change the metric
-    clean_metric = float(metric(interp.run_with_hooks(run, clean, {})))
-    corrupted_metric = float(metric(interp.run_with_hooks(run, corrupted, {})))
-    np.testing.assert_allclose(result.recovered, (want - corrupted_metric) / (clean_metric - corrupted_metric),
-                               atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(result.patched, want, atol=2e-5, rtol=1e-5)
+    assert np.ptp(want) > 1e-3  # the patches do change the metric
 
 
-def test_batched_map_equals_vmap(pair):
-    run, clean, corrupted = pair
-    metric = interp.logit_difference([2, 5], [7, 9], position=2)
-    whole = interp.patch_activation(run, clean, corrupted, metric, batch_size=None)
-    batched = interp.patch_activation(run, clean, corrupted, metric, batch_size=2)
-    np.testing.assert_allclose(batched.patched, whole.patched, atol=1e-6)
-    # Nothing differs before position 1, and a causal model cannot see later positions from position 2.
-    np.testing.assert_allclose(whole.patched[:, [0, 3, 4]], whole.corrupted, atol=1e-6)
-
-
-@pytest.mark.parametrize("layer", [0, 1])
-def test_patching_the_whole_clean_residual_restores_the_clean_logits_and_nothing_keeps_the_corrupted(pair, layer):
-    run, clean, corrupted = pair
-    name = f"blocks.{layer}.hook_resid_pre"
-    clean_logits, clean_cache = interp.run_with_cache(run, clean, [name])
+@pytest.mark.parametrize("model", ["dense", "moe_capacity"])
+@pytest.mark.parametrize("start", [0, 2])
+def test_a_suffix_run_patching_everything_gives_the_clean_suffix_and_nothing_the_corrupted_logits(model, start):
+    run, clean, corrupted = make_pair(MODELS[model])
+    layer, name = 1, "blocks.1.hook_resid_pre"
     corrupted_logits, corrupted_cache = interp.run_with_cache(run, corrupted, [name])
-    edits = [lambda x, i: clean_cache[name], lambda x, i: x]  # everything, nothing
-    for edit, want in zip(edits, (clean_logits, corrupted_logits)):
-        logits = jax.jit(lambda resid, edit=edit: interp.run_patched(
-            run, corrupted, resid, layer, name, edit, jnp.arange(3), lambda logits: logits))(corrupted_cache[name])
-        assert logits.shape == (3,) + want.shape
-        np.testing.assert_allclose(logits, jnp.broadcast_to(want, logits.shape), atol=1e-5)
-    assert np.abs(np.asarray(clean_logits - corrupted_logits)).max() > 1e-2
+    clean_logits, clean_cache = interp.run_with_cache(run, clean, [name])
+    everything = interp.run_with_hooks(run, corrupted, {name: lambda x: x.at[:, start:].set(clean_cache[name][:, start:])})
+    state = suffix_patching.decode_states(run, corrupted, [start])[start]
+    edits = [lambda x, i, offset: clean_cache[name][:, offset:offset + x.shape[1]], lambda x, i, offset: x]
+    for edit, want in zip(edits, (everything, corrupted_logits)):
+        for read_position, metric in ((None, lambda logits: logits), (3, lambda logits: logits[:, 3])):
+            got = jax.jit(lambda: suffix_patching.run_patched_suffix(
+                run, corrupted, corrupted_cache[name], corrupted_logits, state, layer, name, edit, jnp.arange(2),
+                metric, start=start, read_position=read_position))()
+            np.testing.assert_allclose(got, jnp.broadcast_to(metric(want), got.shape), atol=1e-5)
+    if start == 0:
+        np.testing.assert_allclose(everything, clean_logits, atol=1e-5)
+    assert np.abs(np.asarray(everything - corrupted_logits)).max() > 1e-2
+
+
+def test_a_metric_that_reads_past_its_reads_position_gets_nan(pair):
+    run, clean, corrupted = pair
+    liar = lambda logits: jnp.sum(logits[:, 1:, 0])  # noqa: E731
+    liar.reads_position = -1
+    patched = np.asarray(interp.patch_activation(run, clean, corrupted, liar, chunk_size=2).patched)
+    assert np.isnan(patched[:, :4]).all()  # chunks from 0 and 2: positions 1.. are not computed
+    assert np.isfinite(patched[:, 4]).all()  # the chunk from 4: positions 1..3 are the corrupted run's, as they must
 
 
 def test_bad_patching_requests_are_clear(pair, tmp_path):

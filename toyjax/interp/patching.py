@@ -7,7 +7,8 @@ replaced by its clean value, for every layer and position (or head) at once.
 
 The clean and corrupted runs are cached once. All patched runs of a layer are one vmapped run (jax.vmap, or
 jax.lax.map in batches of batch_size); each starts from the corrupted run's cached residual stream at the patched
-layer, so the layers below are dead code and are never computed again. patch_activation compiles one program per
+layer, so the layers below are dead code and are never computed again. Position patches on a KV-cache-capable
+model also skip the positions before the patch (causality; toyjax/interp/suffix_patching.py). patch_activation compiles one program per
 call (and is traceable, so it also runs inside a caller's jax.jit); run_patched is the traceable building block.
 """
 
@@ -20,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from toyjax.interp.hooked import model_and_variables, run_with_cache, run_with_hooks
+from toyjax.interp.suffix_patching import causal_suffix_patching_applies, decode_states, run_patched_suffix
 
 Metric = Callable[[jax.Array], jax.Array]  # logits [batch, pos, vocab] -> scalar (or any array)
 
@@ -61,6 +63,7 @@ def logit_difference(answer_ids, wrong_ids, position: int = -1) -> Metric:
         rows = jnp.arange(at.shape[0])
         return jnp.mean(at[rows, answer_ids] - at[rows, wrong_ids])
 
+    metric.reads_position = position  # lets patch_activation compute the logits at this position only
     return metric
 
 
@@ -87,7 +90,7 @@ def run_patched(run, corrupted_tokens, corrupted_resid, layer: int, hook: str, e
 
 
 def patch_activation(run, clean_tokens, corrupted_tokens, metric: Metric, activation: str = "hook_resid_pre", *,
-                     index: str = "position", batch_size: int | None = 8) -> PatchResult:
+                     index: str = "position", batch_size: int | None = 8, chunk_size: int = 16) -> PatchResult:
     """Returns the metric with one clean activation patched into the corrupted run, for each layer × index.
 
     activation: a per-layer hook name after "blocks.{i}.", e.g. "hook_resid_pre", "hook_attn_out", "hook_mlp_out",
@@ -96,6 +99,15 @@ def patch_activation(run, clean_tokens, corrupted_tokens, metric: Metric, activa
     ([layer, pos, head]); the head indices need a [batch, pos, head, d_head] activation.
     batch_size: patched runs per vmapped step; None = all of a layer's runs in one vmap (for GPU/TPU: on CPU a
     big batch thrashes the caches, and bench/patching.py measured 8 fastest).
+    chunk_size: positions whose suffix runs share one start (bench/patching.py: 16 was 7.9x the loop, 32 6.6x);
+    each chunk is one more compiled copy of the model, so compile time grows as positions / chunk_size.
+
+    Patching position p cannot change a causal model at positions before p, so for position indices of a
+    per-position activation on a KV-cache-capable model (models/kv_cache.py) each patched run computes only the
+    positions from its chunk's start on, attending to the corrupted run's cached keys and values before it
+    (`causal_suffix_patching`). A metric with a `reads_position` attribute (logit_difference has one) promises to
+    read the logits at that position only: positions after it are then never patched (causality gives the
+    corrupted metric) and the last layer runs at that position alone.
     """
     if index not in _EDITS:
         raise ValueError(f"index must be one of {', '.join(_EDITS)}, got {index!r}")
@@ -105,12 +117,14 @@ def patch_activation(run, clean_tokens, corrupted_tokens, metric: Metric, activa
     model, variables = model_and_variables(run)
     # One program per call: eager vmapped flax runs op by op, which is many times slower than compiling.
     patch = jax.jit(lambda variables, clean, corrupted: _patch_activation(
-        (model, variables), clean, corrupted, metric, activation, index, batch_size))
+        (model, variables), clean, corrupted, metric, activation, index, batch_size, chunk_size))
     return patch(variables, clean_tokens, corrupted_tokens)
 
 
-def _patch_activation(run, clean_tokens, corrupted_tokens, metric, activation, index, batch_size) -> PatchResult:
-    n_layers = model_and_variables(run)[0].cfg.n_layers
+def _patch_activation(run, clean_tokens, corrupted_tokens, metric, activation, index, batch_size,
+                      chunk_size) -> PatchResult:
+    model = model_and_variables(run)[0]
+    n_layers = model.cfg.n_layers
     names = [f"blocks.{i}.{activation}" for i in range(n_layers)]
     starts = [f"blocks.{i}.hook_resid_pre" for i in range(n_layers)]
     clean_logits, clean = run_with_cache(run, clean_tokens, names)
@@ -119,6 +133,10 @@ def _patch_activation(run, clean_tokens, corrupted_tokens, metric, activation, i
     if index != "position" and len(shape) != 4:
         raise ValueError(f"index={index!r} needs a per-head activation [batch, pos, head, d_head]; "
                          f"{names[0]} is {shape}")
+    if index != "head" and causal_suffix_patching_applies(model.cfg, activation):
+        patched = _patch_causal_suffixes(run, clean, corrupted, corrupted_tokens, corrupted_logits, names, starts,
+                                         metric, index, batch_size, chunk_size)
+        return PatchResult(patched, metric(clean_logits), metric(corrupted_logits))
     n_pos, n_heads = shape[1], shape[2] if len(shape) == 4 else 0
     indices = {"position": jnp.arange(n_pos), "head": jnp.arange(n_heads),
                "position_head": tuple(jnp.indices((n_pos, n_heads)).reshape(2, -1))}[index]
@@ -131,6 +149,38 @@ def _patch_activation(run, clean_tokens, corrupted_tokens, metric, activation, i
     if index == "position_head":
         patched = patched.reshape(n_layers, n_pos, n_heads, *patched.shape[2:])
     return PatchResult(patched, metric(clean_logits), metric(corrupted_logits))
+
+
+def _patch_causal_suffixes(run, clean, corrupted, corrupted_tokens, corrupted_logits, names, starts, metric, index,
+                           batch_size, chunk):
+    """Returns patched [layer, pos] (or [layer, pos, head]) from runs over suffixes (toyjax/interp/suffix_patching)."""
+    n_layers, n_pos = len(names), corrupted_tokens.shape[1]
+    n_heads = clean[names[0]].shape[2] if index == "position_head" else 1
+    read_position = getattr(metric, "reads_position", None)
+    end = n_pos if read_position is None else read_position % n_pos + 1  # patches after `end` change nothing read
+    read_position = None if read_position is None else end - 1
+    chunk_starts = range(0, end, chunk)
+    states = decode_states(run, corrupted_tokens, chunk_starts)
+    corrupted_metric = metric(corrupted_logits)
+    rows = []
+    for layer, name in enumerate(names):
+        def edit(x, i, offset, clean_value=clean[name]):
+            part = clean_value[:, offset:offset + x.shape[1]]
+            if index == "position":
+                return _patch_position(x, part, i - offset)
+            return _patch_position_head(x, part, (i[0] - offset, i[1]))
+
+        pieces = []
+        for start in chunk_starts:
+            positions = jnp.repeat(jnp.arange(start, min(start + chunk, end)), n_heads)
+            indices = positions if index == "position" else (positions, jnp.arange(len(positions)) % n_heads)
+            pieces.append(run_patched_suffix(run, corrupted_tokens, corrupted[starts[layer]], corrupted_logits,
+                                             states[start], layer, name, edit, indices, metric, start=start,
+                                             read_position=read_position, batch_size=batch_size))
+        unread = jnp.broadcast_to(corrupted_metric, ((n_pos - end) * n_heads,) + jnp.shape(corrupted_metric))
+        rows.append(jnp.concatenate(pieces + [unread.astype(pieces[0].dtype)]))
+    patched = jnp.stack(rows)
+    return patched.reshape(n_layers, n_pos, n_heads, *patched.shape[2:]) if index == "position_head" else patched
 
 
 def plot_patching(values, path, *, title: str = "", xlabel: str = "position", ylabel: str = "layer",
