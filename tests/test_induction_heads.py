@@ -1,0 +1,120 @@
+"""The induction-heads experiment's data and measures against brute force, and its script end to end."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import induction_heads as ih
+from toyjax import interp
+from toyjax.config import ModelConfig
+from toyjax.models.decoder import Decoder, init_params
+
+SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "induction_heads.py"
+TINY = ModelConfig(vocab_size=24, d_model=16, n_layers=2, n_heads=2, d_ff=32, max_len=16, ffn="none")
+
+
+def test_repeated_rows_hold_one_segment_of_distinct_tokens_twice_back_to_back():
+    rows = ih.repeated_rows(np.random.default_rng(0), 200, 33, 64, 4, 16)
+    for row in rows:
+        found = [(start, h) for h in range(16, 3, -1) for start in range(0, 33 - 2 * h + 1)
+                 if np.array_equal(row[start:start + h], row[start + h:start + 2 * h])
+                 and len(set(row[start:start + h])) == h]
+        assert found, row  # brute force: some segment of 4..16 distinct tokens is followed by itself
+    assert rows.min() >= 0 and rows.max() < 64
+
+
+def test_rule_rows_repeat_the_token_two_back_at_the_chosen_rate():
+    rows = ih.rule_rows(np.random.default_rng(1), 400, 33, 64, 0.7)
+    repeat = (rows[:, 2:] == rows[:, :-2]).mean()
+    assert repeat == pytest.approx(0.7 + 0.3 / 64, abs=0.01)
+    batch = ih.training_rows(np.random.default_rng(2), 10, 33, 64, ih.RowSettings(rule_share=0.3))
+    assert batch.shape == (10, 33) and batch.dtype == np.int32
+
+
+def test_analysis_rows_copy_the_segment_and_the_corruption_changes_only_the_first_copy():
+    clean, corrupted, start = ih.analysis_rows(0, 8, 16, 24, 5)
+    assert start == 11
+    np.testing.assert_array_equal(clean[:, 6:11], clean[:, 11:])
+    np.testing.assert_array_equal(clean[:, :6], corrupted[:, :6])
+    np.testing.assert_array_equal(clean[:, 11:], corrupted[:, 11:])
+    for fresh, segment in zip(corrupted[:, 6:11], clean[:, 11:]):
+        assert not np.isin(fresh, segment).any()  # fresh tokens, none of them from the segment
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = Decoder(TINY)
+    params = init_params(model, 3)
+    params = jax.tree.map(lambda x: x + 0.5 * jax.random.normal(jax.random.key(4), x.shape), params)
+    clean, corrupted, start = ih.analysis_rows(5, 4, TINY.max_len, TINY.vocab_size, 5)
+    return (model, params), clean, corrupted, start
+
+
+def test_head_scores_equal_loops_of_single_hooked_runs(tiny):
+    run, clean, corrupted, start = tiny
+    scores = ih.head_scores(run, clean, corrupted, start)
+    metric = ih.second_copy_log_prob(clean, start)
+    n_layers, n_heads = TINY.n_layers, TINY.n_heads
+    _, cache = interp.run_with_cache(run, clean, [f"blocks.{i}.attn.hook_pattern" for i in range(n_layers)])
+    _, corrupted_z = interp.run_with_cache(run, corrupted, [f"blocks.{i}.attn.hook_z" for i in range(n_layers)])
+    base = float(metric(interp.run_with_hooks(run, clean, {})))
+    corrupted_metric = float(metric(interp.run_with_hooks(run, corrupted, {})))
+    half = clean.shape[1] - start
+    for layer in range(n_layers):
+        pattern = np.asarray(cache[f"blocks.{layer}.attn.hook_pattern"], np.float64)  # [batch, head, q, k]
+        for head in range(n_heads):
+            previous = np.mean([pattern[b, head, q, q - 1] for b in range(len(clean)) for q in range(1, 16)])
+            induction = np.mean([pattern[b, head, q, q - half + 1] for b in range(len(clean)) for q in range(start, 16)])
+            assert scores["previous"][layer, head] == pytest.approx(previous, abs=1e-6)
+            assert scores["induction"][layer, head] == pytest.approx(induction, abs=1e-6)
+            name = f"blocks.{layer}.attn.hook_z"
+            zeroed = float(metric(interp.run_with_hooks(run, clean, {name: lambda z: z.at[:, :, head].set(0.0)})))
+            assert scores["ablation"][layer, head] == pytest.approx(base - zeroed, abs=1e-4)
+            swapped = corrupted_z[name][:, :, head]
+            noised = float(metric(interp.run_with_hooks(run, clean, {name: lambda z: z.at[:, :, head].set(swapped)})))
+            assert scores["noising"][layer, head] == pytest.approx((noised - base) / (corrupted_metric - base),
+                                                                   abs=1e-4)
+            offsets = [q - int(np.argmax(pattern[b, head, q])) for b in range(len(clean)) for q in range(start, 16)]
+            assert scores["offset"][layer, head] == np.bincount(offsets).argmax()
+
+
+def test_find_heads_reads_the_argmax_of_each_layer_and_checks_agreement():
+    scores = {"previous": np.array([[0.1, 0.9], [0.5, 0.2]]), "induction": np.array([[0.0, 0.0], [0.1, 0.8]]),
+              "ablation": np.array([[0.2, 3.0], [0.1, 2.0]]), "noising": np.array([[0.9, 0.1], [0.0, 0.7]])}
+    found = ih.find_heads(scores)
+    assert found["previous_token_head"] == [0, 1] and found["induction_head"] == [1, 1]
+    assert found["agree"] == {"ablation": True, "noising": False}
+
+
+def test_the_script_writes_findings_that_match_its_json(tmp_path):
+    out = tmp_path / "out"
+    args = ["--out", str(out), "--half", "5", "--quiet", "--config.train.steps=20", "--config.model.max_len=16",
+            "--config.model.d_model=16", "--config.model.vocab_size=24"]
+    assert ih.main(args) == 0
+    found = json.loads((out / "findings.json").read_text())
+    text = (out / "findings.md").read_text()
+    for layer, row in enumerate(np.asarray(found["scores"]["ablation"])):
+        for head, value in enumerate(row):
+            line = next(l for l in text.splitlines() if l.startswith(f"| {layer}.{head}"))
+            assert f"| {value:.3f} |" in line
+    assert re.search(r"Loss on the second copy ([\d.]+) nats", text).group(1) == f"{found['losses']['second_copy']:.3f}"
+    assert {p.name for p in out.iterdir()} >= {"attention.png", "ablation.png", "noising.png", "params.msgpack"}
+
+
+@pytest.mark.parametrize("args,names", [(["--half", "40"], "--half=40"), (["--rule-share", "1.5"], "--rule-share"),
+                                         (["--config.model.ffn=dense"], "model.ffn='dense'")])
+def test_bad_input_is_one_error_line(tmp_path, args, names):
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), *args],
+                          capture_output=True, text=True)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    lines = [l for l in done.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and names in lines[0]
+    assert not out.exists()
