@@ -20,12 +20,12 @@ def get_config() -> Config:
     config.model.vocab_size = 64  # abstract symbols, no tokenizer
     config.model.d_model = 64
     config.model.n_layers = 2
-    config.model.n_heads = 2
+    config.model.n_heads = 4
     config.model.max_len = 32
     config.model.ffn = "none"  # attention only: the circuit must live in the heads
     config.model.positions = "learned"
     config.model.dropout = 0.0
-    config.train.steps = 4000
+    config.train.steps = 6000
     config.train.batch_size = 64
     config.train.learning_rate = 3e-3
     config.train.warmup_steps = 50

@@ -203,6 +203,7 @@ def plot_patching(values, path, *, title: str = "", xlabel: str = "position", yl
         image = ax.imshow(panel, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
+        ax.set_yticks(range(panel.shape[0]))  # layers are whole numbers
         if xticklabels is not None:
             ax.set_xticks(range(len(xticklabels)), xticklabels, rotation=90, fontsize=7)
         if len(panels) > 1:
