@@ -1,11 +1,12 @@
 """Induction heads: a 2-layer attention-only decoder trained on repeated random token sequences.
 
 python experiments/induction_heads.py --out runs/induction_heads [--config.train.steps=N --config.train.seed=S]
-Expect: a previous-token head in layer 0 (attention from each position to the one before it near 1) and an
-induction head in layer 1 (attention from the repeated copy's tokens to the token after the current token's earlier
-occurrence), the same two heads ranked first by the attention views, by noising patching and by zero-ablation; the
-loss on the repeated copy close to 0 while the unrepeated tokens stay near ln(vocab_size). Time and numbers:
-docs/experiments/induction_heads.md.
+Meant to show: a previous-token head in layer 0 and an induction head in layer 1 (attention from the repeated copy
+to the token after the current token's earlier occurrence), ranked first alike by attention, noising patching and
+zero-ablation. Outcome (seed 0, ~2 min of training on a shared 2-core CPU): the model copies (loss 0.78 nats on the
+second copy, 4.30 on random tokens), but through a shifted circuit: previous-token heads 0.1 and 0.3, a "three back"
+head 0.2, and layer-1 heads attending one past the textbook target; ablation and noising agree on 0.2 and 1.2.
+Details and the recipes tried: docs/experiments/induction_heads.md.
 The data (experiments/induction_heads.py, `RowSettings`): each training row is random tokens in which one random
 segment appears twice; a share of rows instead follows the rule "the next token repeats the token before the
 current one" (with noise), which makes a previous-token head useful on its own (as the statistics of text do for
