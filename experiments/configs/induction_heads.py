@@ -10,7 +10,7 @@ Details and the recipes tried: docs/experiments/induction_heads.md.
 The data (experiments/induction_heads.py, `RowSettings`): each training row is random tokens in which one random
 segment appears twice; a share of rows instead follows the rule "the next token repeats the token before the
 current one" (with noise), which makes a previous-token head useful on its own (as the statistics of text do for
-language models) and shortens the plateau before the induction head forms.
+language models) and shortens the plateau before the model learns to copy.
 """
 
 from toyjax.config import Config
