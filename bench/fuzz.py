@@ -77,7 +77,8 @@ def main() -> None:
                     started = time.perf_counter()
                     fuzz.score_edits(bert, [(prompt, words, [fuzz_edits.Slot(slot.positions, slot.old, (e.new,))])], 1)
                     middle = time.perf_counter()
-                    targets.observe(oracle, ["model"], [fuzz.edited_probe(p, words, [e], False)])
+                    # One plain jitted decoder call for the edit's candidate texts, as before shared prefixes.
+                    probes_lib.score_probes(run, [fuzz.edited_probe(p, words, [e], False)])
                     mlm, decoder, n = mlm + middle - started, decoder + time.perf_counter() - middle, n + 1
         return n, mlm, decoder
 
