@@ -72,9 +72,26 @@ def prefix_forest(inputs: Sequence[tuple[int, ...]]) -> dict[tuple[int, ...], tu
     return parent
 
 
-def padded_length(start: int, n: int, max_len: int) -> int:
-    """Returns the call length for n tokens at positions start..: the next power of two, cut to fit max_len."""
-    return min(1 << (n - 1).bit_length(), max_len - start)
+def fit_calls(parent: dict, max_len: int) -> dict:
+    """Returns the forest with nodes inserted where a node's tokens, padded to a power of two, would pass max_len.
+
+    A node of n tokens after position `start` is fed in one call of the next power of two >= n tokens; where that
+    passes max_len, its first 2^floor(log2 n) tokens become a node of their own (one call, no padding), and so on.
+    """
+    out = dict(parent)
+    for node, up in parent.items():
+        start = 0 if up is None else len(up)
+        while start + call_length(len(node) - start) > max_len:
+            middle = node[:start + (1 << ((len(node) - start).bit_length() - 1))]
+            out.setdefault(middle, up)
+            up, start = middle, len(middle)
+        out[node] = up
+    return out
+
+
+def call_length(n: int) -> int:
+    """Returns the padded length of a call feeding n tokens: the next power of two (few compiled shapes)."""
+    return 1 << (n - 1).bit_length()
 
 
 def cache_after_real_tokens(before: Mapping, after: Mapping, intermediates: Mapping, real_length):
@@ -139,12 +156,15 @@ def _forest_log_probs(run: Run, parent: dict, pad_id: int, batch_size: int) -> d
         depth[node] = 0 if parent[node] is None else depth[parent[node]] + 1
     has_children = {p for p in parent.values() if p is not None}
     results, cache_rows, level_cache = {}, {}, None
-    for d in range(max(depth.values()) + 1):
-        nodes = [n for n in parent if depth[n] == d]
+    at_depth: dict[int, list] = {}
+    for node in parent:
+        at_depth.setdefault(depth[node], []).append(node)
+    for d in range(len(at_depth)):
+        nodes = at_depth[d]
         by_length: dict[int, list] = {}
         for node in nodes:
             start = 0 if parent[node] is None else len(parent[node])
-            by_length.setdefault(padded_length(start, len(node) - start, max_len), []).append(node)
+            by_length.setdefault(call_length(len(node) - start), []).append(node)
         outputs, row_of = [], {}
         for length, group in sorted(by_length.items()):
             max_rows = max(1, min(MAX_ROWS_PER_CALL, batch_size * max_len // length))
@@ -193,7 +213,7 @@ def shared_prefix_token_log_probs(run: Run, sequences: Sequence[Sequence[int]], 
     inputs = sorted({sequences[i][begin:end] for i, begin, _, end in windows})
     results = {}
     for first in range(0, len(inputs), INPUTS_PER_FOREST):  # sorted, so a block keeps most shared prefixes together
-        forest = prefix_forest(inputs[first:first + INPUTS_PER_FOREST])
+        forest = fit_calls(prefix_forest(inputs[first:first + INPUTS_PER_FOREST]), max_len)
         results.update({(first // INPUTS_PER_FOREST, node): value for node, value in
                         _forest_log_probs(run, forest, run.tokenizer.pad_id, batch_size).items()})
         results[first // INPUTS_PER_FOREST, "forest"] = forest
