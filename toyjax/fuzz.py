@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from toyjax import evaluate, probes as probes_lib
+from toyjax import evaluate, fuzz_scoring, probes as probes_lib
 from toyjax.config import ConfigError
 from toyjax.data import stories as stories_lib
 from toyjax import bert as bert_lib  # the one BERT import of the fuzzer
@@ -216,7 +216,7 @@ class Targets:
 
         The continuation is the story after the clean prompt (clean_prompt, default each probe's own prompt).
         """
-        log_probs = plain_token_log_probs if plain else evaluate.token_log_probs
+        log_probs = plain_token_log_probs if plain else fuzz_scoring.shared_prefix_token_log_probs
         if not plain:
             self.queries += len(probes) * len(names)
         per_model = []
