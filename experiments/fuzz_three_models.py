@@ -7,8 +7,10 @@ Needs the three runs of experiments/three_models.py and a BERT folder with an ML
 (python launch.py bert-adapt --config experiments/configs/bert_adapt.py --workdir runs/bert_adapt).
 Settings: 8 probes per family, budget 60 queries per attack, up to 3 edits, beam 3, 3 MLM candidates per slot,
 all four oracles; sized for <= 20 minutes on a 2-core CPU.
-Expect: not run yet (no adapted BERT existed when this was written). Outcome and time: fill in from
-runs/fuzz_three_models/report.md ("Where each model breaks first") after the first run.
+Expect (2026-12-01, shared 2-core CPU, BERT adapted for 119 steps): 9 min 18 s; 14 minimal breaks, all confirmed
+from scratch; each model breaks first at one edit, a consistent renaming on an owner probe (dense Zoe -> Mia, top-k
+Amy -> Lily, MoE Lucy -> Lily); substitution success 0.30 / 0.18 / 0.07 (dense / top-k / MoE); invariance broke
+only dense, once. Details: docs/experiments/three_models.md#fuzzing-the-three-models.
 """
 
 from __future__ import annotations
