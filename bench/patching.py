@@ -45,7 +45,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8,
                         help="patched runs per vmapped step (jax.lax.map); 0 = all of a layer's runs in one vmap")
     parser.add_argument("--chunk-size", type=int, default=16,
-                        help="positions whose patched runs share one suffix start (compile time grows with n/chunk)")
+                        help="positions whose patched runs share one suffix start (compile time grows with n/chunk); "
+                             "0 = patch_activation's default plain path")
     parser.add_argument("--quick", action="store_true", help="32 positions, 2 repeats")
     args = parser.parse_args()
     length, repeats = (32, 2) if args.quick else (args.length, args.repeats)
@@ -60,7 +61,7 @@ def main() -> None:
 
     # Vectorised: one program for every layer and position.
     vectorised = jax.jit(lambda v, c, x: interp.patch_activation(
-        (model, v), c, x, metric, batch_size=args.batch_size or None, chunk_size=args.chunk_size).patched)
+        (model, v), c, x, metric, batch_size=args.batch_size or None, chunk_size=args.chunk_size or None).patched)
     start = time.perf_counter()
     vectorised_compiled = vectorised.lower(variables, clean, corrupted).compile()
     vectorised_compile = time.perf_counter() - start
