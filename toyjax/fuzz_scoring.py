@@ -40,6 +40,7 @@ from toyjax.runs import Run
 # n_layers x 2 x max_len x d_model floats, 0.5 MB for a 4 x 128 decoder at max_len 128).
 INPUTS_PER_FOREST = 512
 MAX_ROWS_PER_CALL = 64
+MIN_ROWS_PER_CALL = 4  # fewer compiled shapes (each costs seconds for an MoE) for a few padding rows
 
 
 def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
@@ -170,7 +171,7 @@ def _forest_log_probs(run: Run, parent: dict, pad_id: int, batch_size: int) -> d
             max_rows = max(1, min(MAX_ROWS_PER_CALL, batch_size * max_len // length))
             for first in range(0, len(group), max_rows):
                 chunk = group[first:first + max_rows]
-                rows = max(min(1 << (len(chunk) - 1).bit_length(), max_rows), 1)
+                rows = min(max(1 << (len(chunk) - 1).bit_length(), MIN_ROWS_PER_CALL), max_rows)
                 tokens = np.full((rows, length), pad_id, np.int32)
                 real = np.ones(rows, np.int32)
                 parents = np.zeros(rows, np.int32)
