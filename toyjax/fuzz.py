@@ -25,9 +25,10 @@ attack needs the clean answer right, and a distance that is <= 0 exactly when th
                 prompt, CONTINUATION_WORDS words) by more than `surprisal_jump_bits` bits per token
 
 Search (`beam_search`): depth d expands each beam set by one edit at a position it does not touch yet; all
-expansions are scored in one batched call (toyjax.probes.score_probes: one jitted decoder call per batch of 32
-candidate texts), most plausible first, cut to the query budget. The most plausible breaking set at the
-lowest depth wins and is then minimised (its smaller subsets are tried); else the beam keeps the `beam_width`
+expansions are scored in one batched call (toyjax.probes.score_probes over toyjax.fuzz_scoring: each prefix
+the candidate texts share goes through the decoder once, with the KV cache), most plausible first, cut to the
+query budget. The most plausible breaking set at the lowest depth wins and is then minimised (its smaller
+subsets are tried); else the beam keeps the `beam_width`
 sets closest to breaking (greedy = width 1). Pruning: the top `candidates_per_slot` MLM words per slot, and
 beam x edits evaluations per depth instead of every combination.
 

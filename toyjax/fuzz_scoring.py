@@ -8,7 +8,8 @@ each distinct prefix through the decoder once, using the KV cache (models/kv_cac
   1. every sequence is cut into evaluate.window_plan's windows (a window is a sequence of its own to the model);
   2. the windows' inputs form a compressed trie (`prefix_forest`): a node is a window input or a point where two
      inputs part (the longest common prefix of neighbours in sorted order), its parent the longest other node it
-     extends;
+     extends; where a node's tokens padded to a power of two would pass max_len, its first power-of-two tokens
+     become a node of their own (`fit_calls`);
   3. depth by depth, each node's own tokens (after its parent's) go through one decode-mode call that continues
      its parent's cache; nodes of a depth are batched, padded to a power-of-two length (few compiled shapes);
   4. a token's log-prob is read at the node holding the position before it (the last position of a node is
@@ -212,24 +213,23 @@ def shared_prefix_token_log_probs(run: Run, sequences: Sequence[Sequence[int]], 
             raise ValueError("a sequence to score needs at least two tokens (a context token and a target)")
         windows += [(index, begin, first, end) for begin, end, first in evaluate.window_plan(len(seq) - 1, max_len, stride)]
     inputs = sorted({sequences[i][begin:end] for i, begin, _, end in windows})
-    results = {}
+    forests, block_of = [], {}  # per block of inputs: (forest, {node: (inside, last)})
     for first in range(0, len(inputs), INPUTS_PER_FOREST):  # sorted, so a block keeps most shared prefixes together
-        forest = fit_calls(prefix_forest(inputs[first:first + INPUTS_PER_FOREST]), max_len)
-        results.update({(first // INPUTS_PER_FOREST, node): value for node, value in
-                        _forest_log_probs(run, forest, run.tokenizer.pad_id, batch_size).items()})
-        results[first // INPUTS_PER_FOREST, "forest"] = forest
-    block_of = {x: i // INPUTS_PER_FOREST for i, x in enumerate(inputs)}
+        block = inputs[first:first + INPUTS_PER_FOREST]
+        forest = fit_calls(prefix_forest(block), max_len)
+        forests.append((forest, _forest_log_probs(run, forest, run.tokenizer.pad_id, batch_size)))
+        block_of.update(dict.fromkeys(block, len(forests) - 1))
     out = [np.zeros(len(seq) - 1, np.float64) for seq in sequences]
     for index, begin, first, end in windows:
         seq = sequences[index]
-        node, block = seq[begin:end], block_of[seq[begin:end]]
-        forest = results[block, "forest"]
+        node = seq[begin:end]
+        forest, results = forests[block_of[node]]
         window_log_probs = np.zeros(end - begin)
         while node is not None:  # from the window's own node up through its ancestors
             start = 0 if forest[node] is None else len(forest[node])
-            inside, last = results[block, node]
+            inside, last = results[node]
             window_log_probs[start:len(node) - 1] = inside
-            window_log_probs[len(node) - 1] = last[seq[begin + len(node)]]
+            window_log_probs[len(node) - 1] = last[seq[begin + len(node)]]  # the token after the node, per window
             node = forest[node]
         out[index][first:end] = window_log_probs[first - begin:]
     return out
