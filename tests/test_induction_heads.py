@@ -118,3 +118,52 @@ def test_bad_input_is_one_error_line(tmp_path, args, names):
     lines = [l for l in done.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and names in lines[0]
     assert not out.exists()
+
+
+def hand_built_induction_circuit(vocab: int = 16, length: int = 16, sharpness: float = 4.0, copy: float = 3.0):
+    """Returns (model, params) of a 2-layer attention-only decoder wired by hand as the textbook circuit.
+
+    d_model = 3 x 16: token one-hots, position one-hots, and a "previous token" slot. Head 0.0 attends from each
+    position to the one before (query position i matches key position i - 1) and writes that key's token into the
+    previous-token slot; head 1.0 attends from a token to the key whose previous token it is (K-composition) and
+    copies that key's token into the token slot, which the tied unembedding reads. Heads 0.1 and 1.1 are zero.
+    """
+    cfg = ModelConfig(vocab_size=vocab, d_model=3 * 16, n_layers=2, n_heads=2, max_len=length, ffn="none")
+    model = Decoder(cfg)
+    params = jax.tree.map(jnp.zeros_like, init_params(model, 0))
+    token, position, previous = (np.arange(16) + 16 * part for part in range(3))
+    for name in ("block_0", "block_1"):
+        params[name]["ln_attention"]["scale"] = jnp.ones(48)
+    params["ln_final"]["scale"] = jnp.ones(48)
+    params["embed"]["embedding"] = jnp.eye(vocab, 48)
+    params["position"]["embedding"] = jnp.eye(length, 48, k=16)
+    qkv0 = np.zeros((48, 3, 2, 24))
+    qkv0[position, 0, 0, np.arange(16)] = sharpness  # query: my position i
+    qkv0[position[:-1], 1, 0, np.arange(1, 16)] = 1.0  # key: position j, as slot j + 1
+    qkv0[token, 2, 0, np.arange(16)] = 1.0  # value: the key's token
+    out0 = np.zeros((2, 24, 48))
+    out0[0, np.arange(16), previous] = 1.0  # -> the previous-token slot
+    qkv1 = np.zeros((48, 3, 2, 24))
+    qkv1[token, 0, 0, np.arange(16)] = sharpness  # query: my token
+    qkv1[previous, 1, 0, np.arange(16)] = 1.0  # key: its previous token
+    qkv1[token, 2, 0, np.arange(16)] = 1.0  # value: its own token
+    out1 = np.zeros((2, 24, 48))
+    out1[0, np.arange(16), token] = copy  # -> the token slot, read by the unembedding
+    for name, qkv, out in (("block_0", qkv0, out0), ("block_1", qkv1, out1)):
+        params[name]["attention"]["qkv"]["kernel"] = jnp.asarray(qkv, jnp.float32)
+        params[name]["attention"]["out"]["kernel"] = jnp.asarray(out, jnp.float32)
+    return model, params
+
+
+def test_the_measures_find_the_heads_of_a_hand_built_induction_circuit():
+    """A known circuit: the measures must single out heads 0.0 (previous token) and 1.0 (induction), all agreeing."""
+    run = hand_built_induction_circuit()
+    clean, corrupted, start = ih.analysis_rows(7, 16, 16, 16, 6)
+    scores = ih.head_scores(run, clean, corrupted, start)
+    found = ih.find_heads(scores)
+    assert found == {"previous_token_head": [0, 0], "induction_head": [1, 0],
+                     "agree": {"ablation": True, "noising": True}}
+    assert scores["previous"][0, 0] > 0.95 and scores["induction"][1, 0] > 0.8  # chance repeats in the prefix share it
+    assert scores["offset"][0, 0] == 1 and scores["offset"][1, 0] == 6 - 1
+    losses = ih.copy_losses(run, clean, start)
+    assert losses["second_copy"] < 0.6 and losses["prefix"] > 3.0  # measured 0.45 and 3.96
