@@ -20,22 +20,35 @@ SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "induction_heads.
 TINY = ModelConfig(vocab_size=24, d_model=16, n_layers=2, n_heads=2, d_ff=32, max_len=16, ffn="none")
 
 
-def test_repeated_rows_hold_one_segment_of_distinct_tokens_twice_back_to_back():
-    rows = ih.repeated_rows(np.random.default_rng(0), 200, 33, 64, 4, 16)
+def successors(row: np.ndarray) -> dict[int, list[int]]:
+    """Brute force: every token of the row -> the tokens that followed it."""
+    seen = {}
+    for token, following in zip(row[:-1], row[1:]):
+        seen.setdefault(int(token), []).append(int(following))
+    return seen
+
+
+def test_successor_rows_follow_one_permutation_per_row():
+    settings = ih.RowSettings(symbols_min=5, symbols_max=9, keep=1.0)
+    rows = ih.successor_rows(np.random.default_rng(0), 100, 60, 64, settings)
+    assert rows.shape == (100, 60) and rows.dtype == np.int32 and rows.min() >= 0 and rows.max() < 64
     for row in rows:
-        found = [(start, h) for h in range(16, 3, -1) for start in range(0, 33 - 2 * h + 1)
-                 if np.array_equal(row[start:start + h], row[start + h:start + 2 * h])
-                 and len(set(row[start:start + h])) == h]
-        assert found, row  # brute force: some segment of 4..16 distinct tokens is followed by itself
-    assert rows.min() >= 0 and rows.max() < 64
+        assert len(set(row.tolist())) <= 9
+        follow = successors(row)
+        assert all(len(set(after)) == 1 for after in follow.values()), row  # always the same successor
+        firsts = [after[0] for after in follow.values()]
+        assert len(set(firsts)) == len(firsts)  # no two tokens share a successor: a permutation
 
 
-def test_rule_rows_repeat_the_token_two_back_at_the_chosen_rate():
-    rows = ih.rule_rows(np.random.default_rng(1), 400, 33, 64, 0.7)
-    repeat = (rows[:, 2:] == rows[:, :-2]).mean()
-    assert repeat == pytest.approx(0.7 + 0.3 / 64, abs=0.01)
-    batch = ih.training_rows(np.random.default_rng(2), 10, 33, 64, ih.RowSettings(rule_share=0.3))
-    assert batch.shape == (10, 33) and batch.dtype == np.int32
+def test_successor_rows_keep_the_successor_at_the_chosen_rate():
+    settings = ih.RowSettings(symbols_min=8, symbols_max=8, keep=0.8)
+    rows = ih.successor_rows(np.random.default_rng(1), 40, 400, 64, settings)
+    matches = []
+    for row in rows:
+        assert len(set(row.tolist())) == 8
+        for after in successors(row).values():  # ~50 transitions per token: the most frequent one is the successor
+            matches.append(np.mean(np.asarray(after) == np.bincount(after).argmax()))
+    assert np.mean(matches) == pytest.approx(0.8 + 0.2 / 8, abs=0.02)
 
 
 def test_analysis_rows_copy_the_segment_and_the_corruption_changes_only_the_first_copy():
@@ -85,11 +98,13 @@ def test_head_scores_equal_loops_of_single_hooked_runs(tiny):
             assert scores["offset"][layer, head] == np.bincount(offsets).argmax()
 
 
-def test_find_heads_reads_the_argmax_of_each_layer_and_checks_agreement():
-    scores = {"previous": np.array([[0.1, 0.9], [0.5, 0.2]]), "induction": np.array([[0.0, 0.0], [0.1, 0.8]]),
-              "ablation": np.array([[0.2, 3.0], [0.1, 2.0]]), "noising": np.array([[0.9, 0.1], [0.0, 0.7]])}
+def test_find_heads_picks_by_attention_and_checks_agreement():
+    scores = {"previous": np.array([[0.1, 0.9], [0.5, 0.2]]), "induction": np.array([[0.0, 0.0], [0.5, 0.8]]),
+              "ablation": np.array([[0.2, 3.0], [2.0, 0.1]]), "noising": np.array([[0.9, 0.1], [0.0, 0.7]])}
     found = ih.find_heads(scores)
     assert found["previous_token_head"] == [0, 1] and found["induction_head"] == [1, 1]
+    assert found["previous_token_heads"] == [[0, 1]] and found["induction_heads"] == [[1, 0], [1, 1]]
+    # ablation's top heads 0.1 and 1.0 are both picked by attention; noising's 0.0 is not
     assert found["agree"] == {"ablation": True, "noising": False}
 
 
@@ -108,7 +123,7 @@ def test_the_script_writes_findings_that_match_its_json(tmp_path):
     assert {p.name for p in out.iterdir()} >= {"attention.png", "ablation.png", "noising.png", "params.msgpack"}
 
 
-@pytest.mark.parametrize("args,names", [(["--half", "40"], "--half=40"), (["--rule-share", "1.5"], "--rule-share"),
+@pytest.mark.parametrize("args,names", [(["--half", "40"], "--half=40"), (["--keep", "1.5"], "--keep=1.5"),
                                          (["--config.model.ffn=dense"], "model.ffn='dense'")])
 def test_bad_input_is_one_error_line(tmp_path, args, names):
     out = tmp_path / "out"
@@ -161,9 +176,26 @@ def test_the_measures_find_the_heads_of_a_hand_built_induction_circuit():
     clean, corrupted, start = ih.analysis_rows(7, 16, 16, 16, 6)
     scores = ih.head_scores(run, clean, corrupted, start)
     found = ih.find_heads(scores)
-    assert found == {"previous_token_head": [0, 0], "induction_head": [1, 0],
-                     "agree": {"ablation": True, "noising": True}}
+    assert found == {"previous_token_head": [0, 0], "induction_head": [1, 0], "previous_token_heads": [[0, 0]],
+                     "induction_heads": [[1, 0]], "agree": {"ablation": True, "noising": True}}
     assert scores["previous"][0, 0] > 0.95 and scores["induction"][1, 0] > 0.8  # chance repeats in the prefix share it
     assert scores["offset"][0, 0] == 1 and scores["offset"][1, 0] == 6 - 1
     losses = ih.copy_losses(run, clean, start)
     assert losses["second_copy"] < 0.6 and losses["prefix"] > 3.0  # measured 0.45 and 3.96
+    composition = ih.composition_scores(run, clean, corrupted, start)
+    assert composition[0] == pytest.approx([0.0, scores["noising"][0, 0], 0.0], abs=0.02)  # K-composition only
+    np.testing.assert_allclose(composition[1], 0.0, atol=1e-6)  # the zero head acts through nothing
+
+
+def test_training_grows_the_textbook_circuit_at_a_fixed_seed(tmp_path):
+    """The experiment's own run, shortened: 1,500 steps at seed 0 (3,000 in the docs) grow the textbook pair."""
+    found = ih.run_experiment(["--out", str(tmp_path / "out"), "--quiet", "--config.train.steps=1500"])
+    scores, half = found["scores"], 12
+    [[_, previous]] = found["previous_token_heads"]  # one previous-token head
+    assert scores["offset"][0, previous] == 1 and scores["previous"][0, previous] > 0.45
+    assert found["induction_heads"]
+    for _, head in found["induction_heads"]:  # attends to the token after the earlier occurrence
+        assert scores["offset"][1, head] == half - 1 and scores["induction"][1, head] > 0.4
+    assert found["agree"] == {"ablation": True, "noising": True}
+    assert found["composition"][previous, 1] > 0.8  # the previous-token head feeds layer 1's keys
+    assert found["losses"]["second_copy"] < 1.0 and found["losses"]["prefix"] > 3.5  # measured 0.48 and 4.27
