@@ -84,6 +84,19 @@ def test_suffix_patching_equals_the_naive_loop(model, activation, index, reads_o
     assert np.ptp(want) > 1e-3  # the patches do change the metric
 
 
+def test_suffix_patching_of_a_shared_prefix_equals_the_naive_loop():
+    """Prompts that differ only at position 2: the chunk of positions 0-1 (every layer) and position 4 of layer 0's
+    residual are patched with values equal to the corrupted ones, so they are skipped; all must equal the loop."""
+    run, clean, _ = make_pair(TINY)
+    corrupted = clean.at[:, 2].set((clean[:, 2] + 5) % 20)
+    metric = interp.logit_difference([2, 5], [7, 9])
+    result = interp.patch_activation(run, clean, corrupted, metric, chunk_size=2, batch_size=3)
+    want = naive_patching(run, clean, corrupted, metric, "hook_resid_pre", "position")
+    np.testing.assert_allclose(result.patched, want, atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(want[:, :2], float(result.corrupted), atol=1e-5)  # the shared prefix: no-ops
+    assert np.ptp(want[1, 2:]) > 1e-3  # the patches after the edit do change the metric
+
+
 @pytest.mark.parametrize("model,start", [("dense", 0), ("dense", 2), ("moe_capacity", 2)])
 def test_a_suffix_run_patching_everything_gives_the_clean_suffix_and_nothing_the_corrupted_logits(model, start):
     run, clean, corrupted = make_pair(MODELS[model])
