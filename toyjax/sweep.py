@@ -36,6 +36,7 @@ from toyjax import config as config_lib
 from toyjax import train
 from toyjax.checkpoints import Checkpoints
 from toyjax.config import Config, ConfigError
+from toyjax.config_rules import get_key
 from toyjax.models.decoder import Decoder, init_params
 from toyjax.runs import differences
 
@@ -46,14 +47,6 @@ _NAME_LIMIT = 150  # characters; most filesystems allow 255 bytes per name
 
 
 # -- the grid ---------------------------------------------------------------------------------------------------
-
-
-def get_key(config: Config, key: str) -> Any:
-    """Returns the value of a dotted key (assumed valid) of a config."""
-    node = config
-    for part in key.split("."):
-        node = getattr(node, part)
-    return node
 
 
 def parse_value(base: Config, key: str, text: Any) -> Any:

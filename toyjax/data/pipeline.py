@@ -7,7 +7,8 @@ import zlib
 
 import numpy as np
 
-from toyjax.config import GRAMMAR_SOURCES, DataConfig, TokenizerConfig
+from toyjax.config import DataConfig, TokenizerConfig
+from toyjax.config_rules import GRAMMAR_SOURCES
 from toyjax.data import stories, text
 
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 import numpy as np
 
 from toyjax import grammar as grammar_lib
-from toyjax.config import GRAMMAR_SOURCES, Config
+from toyjax.config import Config
+from toyjax.config_rules import GRAMMAR_SOURCES
 from toyjax.data import pipeline
 
 
