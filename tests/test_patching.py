@@ -84,13 +84,15 @@ def test_suffix_patching_equals_the_naive_loop(model, activation, index, reads_o
     assert np.ptp(want) > 1e-3  # the patches do change the metric
 
 
-def test_suffix_patching_of_a_shared_prefix_equals_the_naive_loop():
-    """Prompts that differ only at position 2: the chunk of positions 0-1 (every layer) and position 4 of layer 0's
-    residual are patched with values equal to the corrupted ones, so they are skipped; all must equal the loop."""
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_patching_of_a_shared_prefix_equals_the_naive_loop(chunk_size):
+    """Prompts that differ only at position 2: positions 0-1 (every layer) and 3-4 of layer 0's residual are
+    patched with values equal to the corrupted ones, so whole batches / chunks of them are skipped (plain path:
+    batches of 2 positions; suffix path: chunks of 2); all must equal the loop."""
     run, clean, _ = make_pair(TINY)
     corrupted = clean.at[:, 2].set((clean[:, 2] + 5) % 20)
     metric = interp.logit_difference([2, 5], [7, 9])
-    result = interp.patch_activation(run, clean, corrupted, metric, chunk_size=2, batch_size=3)
+    result = interp.patch_activation(run, clean, corrupted, metric, chunk_size=chunk_size, batch_size=2)
     want = naive_patching(run, clean, corrupted, metric, "hook_resid_pre", "position")
     np.testing.assert_allclose(result.patched, want, atol=2e-5, rtol=1e-5)
     np.testing.assert_allclose(want[:, :2], float(result.corrupted), atol=1e-5)  # the shared prefix: no-ops

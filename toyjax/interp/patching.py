@@ -7,7 +7,8 @@ replaced by its clean value, for every layer and position (or head) at once.
 
 The clean and corrupted runs are cached once. All patched runs of a layer are one vmapped run (jax.vmap, or
 jax.lax.map in batches of batch_size); each starts from the corrupted run's cached residual stream at the patched
-layer, so the layers below are dead code and are never computed again. Position patches on a KV-cache-capable model
+layer, so the layers below are dead code and are never computed again; a batch of patches that change nothing (the
+clean value equals the corrupted one, as in a shared prefix) is not run. Position patches on a KV-cache-capable model
 also skip the positions before the patch (causality; toyjax/interp/suffix_patching.py). patch_activation compiles
 one program per call (and is traceable, so it also runs inside a caller's jax.jit); run_patched is the traceable
 building block.
@@ -69,12 +70,14 @@ def logit_difference(answer_ids, wrong_ids, position: int = -1) -> Metric:
 
 
 def run_patched(run, corrupted_tokens, corrupted_resid, layer: int, hook: str, edit, indices, metric: Metric, *,
-                batch_size: int | None = None) -> jax.Array:
+                batch_size: int | None = None, changed=None, unchanged=None) -> jax.Array:
     """Returns metric(logits) of one corrupted run per index (leading axis), each with hook's value x -> edit(x, i).
 
     corrupted_resid: the corrupted run's blocks.{layer}.hook_resid_pre; every run starts from it, so nothing below
     `layer` depends on the index (vmap computes it once; jit drops it). hook must be at `layer` or above.
     indices: an array (or tuple of arrays) with a leading axis over runs.
+    changed (optional, with batch_size): a bool per index, False where the edit changes nothing; a batch of runs
+    that are all False is not run and gives `unchanged` (the corrupted run's metric) for each.
     """
     start = f"blocks.{layer}.hook_resid_pre"
 
@@ -87,7 +90,32 @@ def run_patched(run, corrupted_tokens, corrupted_resid, layer: int, hook: str, e
 
     if batch_size is None:
         return jax.vmap(one)(indices)
-    return jax.lax.map(one, indices, batch_size=batch_size)
+    if changed is None:
+        return jax.lax.map(one, indices, batch_size=batch_size)
+    n = len(changed)
+    n_batches = -(-n // batch_size)
+
+    def batched(x):  # [n, ...] -> [n_batches, batch_size, ...], padded by repeating the last entry
+        x = jnp.concatenate([x, jnp.repeat(x[-1:], n_batches * batch_size - n, axis=0)])
+        return x.reshape((n_batches, batch_size) + x.shape[1:])
+
+    def one_batch(args):
+        batch_indices, batch_changed = args
+        skipped = jnp.broadcast_to(unchanged, (batch_size,) + jnp.shape(unchanged)).astype(jnp.result_type(unchanged))
+        return jax.lax.cond(jnp.any(batch_changed), lambda: jax.vmap(one)(batch_indices).astype(skipped.dtype),
+                            lambda: skipped)
+
+    out = jax.lax.map(one_batch, (jax.tree.map(batched, indices), batched(jnp.asarray(changed))))
+    return out.reshape((n_batches * batch_size,) + out.shape[2:])[:n]
+
+
+def _changed(clean, corrupted, index: str) -> jax.Array:
+    """Returns per patch index whether the clean activation differs from the corrupted one where it is patched."""
+    differs = clean != corrupted  # [batch, pos, ...] or [batch, pos, head, d_head]
+    if index == "position":
+        return jnp.any(differs, axis=tuple(i for i in range(differs.ndim) if i != 1))
+    by_head = jnp.any(differs, axis=(0, 3))  # [pos, head]
+    return jnp.any(by_head, axis=0) if index == "head" else by_head.reshape(-1)
 
 
 def patch_activation(run, clean_tokens, corrupted_tokens, metric: Metric, activation: str = "hook_resid_pre", *,
@@ -147,14 +175,16 @@ def _patch_activation(run, clean_tokens, corrupted_tokens, metric, activation, i
     indices = {"position": jnp.arange(n_pos), "head": jnp.arange(n_heads),
                "position_head": tuple(jnp.indices((n_pos, n_heads)).reshape(2, -1))}[index]
     rows = []
+    corrupted_metric = metric(corrupted_logits)
     for layer, name in enumerate(names):
         edit = lambda x, i, clean_value=clean[name]: _EDITS[index](x, clean_value, i)  # noqa: E731
         rows.append(run_patched(run, corrupted_tokens, corrupted[starts[layer]], layer, name, edit, indices, metric,
-                                batch_size=batch_size))
+                                batch_size=batch_size, changed=_changed(clean[name], corrupted[name], index),
+                                unchanged=corrupted_metric))
     patched = jnp.stack(rows)
     if index == "position_head":
         patched = patched.reshape(n_layers, n_pos, n_heads, *patched.shape[2:])
-    return PatchResult(patched, metric(clean_logits), metric(corrupted_logits))
+    return PatchResult(patched, metric(clean_logits), corrupted_metric)
 
 
 def _patch_causal_suffixes(run, clean, corrupted, corrupted_tokens, corrupted_logits, names, starts, metric, index,
