@@ -139,7 +139,7 @@ def summarize_positions(result: PatchResult, labels: Sequence[str], edited: Sequ
     return {
         "top_cells": [{"layer": l, "position": p, "token": labels[p], "edited": p in edited, "recovered": v}
                       for l, p, v in cells],
-        "top_layers": [{"layer": int(i), "recovered": float(by_layer[i])} for i in np.argsort(-by_layer, kind="stable")[:k]],
+        "top_layers": top_layers(by_layer, k),
         "top_positions": [{"position": int(p), "token": labels[p], "edited": int(p) in edited,
                            "recovered": float(by_position[p])} for p in np.argsort(-by_position, kind="stable")[:k]],
         "edited_best": float(recovered[:, list(edited)].max()),
@@ -152,7 +152,12 @@ def summarize_heads(result: PatchResult, k: int = 3) -> dict:
     recovered = np.asarray(result.recovered, np.float64)
     by_layer = recovered.max(axis=1)
     return {"top_heads": [{"layer": l, "head": h, "recovered": v} for l, h, v in top_cells(recovered, k)],
-            "top_layers": [{"layer": int(i), "recovered": float(by_layer[i])} for i in np.argsort(-by_layer, kind="stable")[:k]]}
+            "top_layers": top_layers(by_layer, k)}
+
+
+def top_layers(by_layer: np.ndarray, k: int) -> list[dict]:
+    """Returns the k layers with the highest recovered fraction (ties: the lower layer), best first."""
+    return [{"layer": int(i), "recovered": float(by_layer[i])} for i in np.argsort(-by_layer, kind="stable")[:k]]
 
 
 def aggregate(explanations: Sequence[dict], k: int = 3) -> dict:

@@ -81,7 +81,8 @@ def analyse(run, tokens, *, target: int | None = None, baseline: int | None = No
     logit is subtracted (the attribution is then of the logit difference).
     """
     cfg = run.config.model
-    names = views.view_names(run, tokens) + attribution.logit_lens_names(run) + attribution.attribution_names(run, "head")
+    names = (views.view_names(run, tokens) + attribution.logit_lens_names(run)
+             + attribution.attribution_names(run, "head"))
     logits, cache = run_with_cache(run, tokens, list(dict.fromkeys(names)))
     log_probs = np.asarray(jax.nn.log_softmax(logits[0, -1]), np.float64)
     target = int(np.argmax(log_probs)) if target is None else target
@@ -179,8 +180,9 @@ def write_report(run, out: Path, text: str, corrupted_text: str | None = None, *
     what = f"logit of {target_name!r}" + (f" - {labels_of([found['baseline']])[0]!r}" if found["baseline"] is not None
                                           else "")
     pictures.append(plot_dla(found["dla_labels"], found["dla"], out / "dla.png", title=f"direct {what}"))
-    lens_rows = [[("out" if i == len(found["lens"]) - 1 else f"before layer {i}"), float(found["lens"][i, found["target"]]),
-                  _top(found["lens"][i], labels_of)] for i in range(len(found["lens"]))]
+    lens_rows = [[("out" if i == len(found["lens"]) - 1 else f"before layer {i}"),
+                  float(found["lens"][i, found["target"]]), _top(found["lens"][i], labels_of)]
+                 for i in range(len(found["lens"]))]
     dla_rows = _ranked(found["dla_labels"], found["dla"], TOP_COMPONENTS)
     results.update(prediction=_top(found["log_probs"], labels_of), target=target_name,
                    logit_lens=lens_rows, direct_logit_attribution=dla_rows)

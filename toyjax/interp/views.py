@@ -214,5 +214,6 @@ def views_html(labels: list[str], patterns, routing=None, *, kind: str = "attent
              f'<script type="application/json" id="view-data">{data}</script>', f"<script>{_VIEW_JS}</script>"]
     if routing is not None:
         parts += ["<h2>Expert routing</h2><p>Per token and layer: the chosen experts and their gates "
-                  "(after capacity: a dropped token has gate 0).</p>", html_table("routing", *routing_rows(labels, routing))]
+                  "(after capacity: a dropped token has gate 0).</p>",
+                  html_table("routing", *routing_rows(labels, routing))]
     return parts
