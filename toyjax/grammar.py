@@ -382,11 +382,9 @@ def _compile(text, token_to_id, max_depth, free_text):
 
 
 def annotate(tables: GrammarTables, token_ids, vocab: list[str] | None = None) -> np.ndarray:
-    """Returns the state after each token of a stream of <eos>-terminated documents ([n] int32, numpy).
-
-    Raises GrammarError naming the position (in the stream and in its document) of the first token the grammar
-    does not allow there. `vocab` (id -> token) only makes the message readable.
-    """
+    """Returns the state after each token of a stream of <eos>-terminated documents ([n] int32, numpy); raises
+    GrammarError naming the position (in the stream and in its document) of the first token the grammar does not
+    allow there. `vocab` (id -> token) only makes the message readable."""
     valid, next_state = np.asarray(tables.valid), np.asarray(tables.next_state)
     vocab_size = valid.shape[1]
     ids = np.asarray(token_ids, np.int64).ravel()
@@ -440,8 +438,7 @@ def masked_cross_entropy(logits: jax.Array, targets: jax.Array, valid_mask: jax.
     """Returns per-token cross-entropy of targets under the softmax over valid tokens only ([...] float32).
 
     logits [..., vocab], targets [...] int, valid_mask [..., vocab] bool. Invalid logits are masked before the
-    log-softmax, so the model is not penalised for what it puts there (and gets no gradient through them).
-    """
+    log-softmax, so the model is not penalised for what it puts there (and gets no gradient through them)."""
     logits = jnp.where(valid_mask, logits.astype(jnp.float32), _MASKED_LOGIT)
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     return -jnp.take_along_axis(log_probs, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
