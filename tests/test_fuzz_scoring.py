@@ -12,14 +12,14 @@ from toyjax.models.kv_cache import init_cache
 from toyjax.runs import Run
 from toyjax.testing import bigram_logits, bigram_run, tiny_config
 
-# Every model kind a fuzzed run can have. The MoE's capacity binds, so its expert counts matter; its einsum
-# dispatch (the same function as "sort") keeps the unjitted reference forward fast.
+# Every model part a fuzzed run can have: dense attention (learned positions, the default), top-k attention (here
+# with rotary positions, whose cached keys carry their positions), and MoE, whose capacity binds, so its expert
+# counts matter; its einsum dispatch (the same function as "sort") keeps the unjitted reference forward fast.
 KINDS = {
     "dense": {},
-    "topk": {"attention": "topk", "attention_top_k": 3},
+    "topk rotary": {"attention": "topk", "attention_top_k": 3, "positions": "rotary"},
     "moe": {"ffn": "moe", "moe.n_experts": 4, "moe.top_k": 2, "moe.capacity_factor": 0.5,
             "moe.dispatch": "einsum"},
-    "learned positions": {"positions": "learned"},
 }
 
 
