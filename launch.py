@@ -54,9 +54,9 @@ def cmd_train(argv: list[str]) -> None:
     parser.add_argument("--num-processes", type=int, help="multi-process: how many (default $JAX_NUM_PROCESSES)")
     parser.add_argument("--process-id", type=int, help="multi-process: this one's rank (default $JAX_PROCESS_ID)")
     args = parser.parse_args(rest)
+    cfg = _config(args.config, overrides)  # before importing JAX: a bad config is reported at once
     from toyjax import sharding, train
 
-    cfg = _config(args.config, overrides)
     sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     train.run(cfg, args.workdir, quiet=args.quiet)
 
@@ -66,9 +66,10 @@ def cmd_quickstart(argv: list[str]) -> None:
     parser = _Parser(prog="launch.py quickstart")
     parser.add_argument("--workdir", default="runs/quickstart")
     args = parser.parse_args(rest)
+    cfg = _config(QUICKSTART, overrides)
     from toyjax import train
 
-    result = train.run(_config(QUICKSTART, overrides), args.workdir)
+    result = train.run(cfg, args.workdir)
     print(f"quickstart: valid perplexity {result['ppl']:.3f}, accuracy {result['accuracy']:.3f}; "
           f"checkpoint, metrics.jsonl, samples.txt and loss.png are in {args.workdir}")
 
@@ -127,9 +128,10 @@ def cmd_bert_adapt(argv: list[str]) -> None:
     parser.add_argument("--config", required=True, help="a config file, e.g. experiments/configs/bert_adapt.py")
     parser.add_argument("--workdir", required=True, help="where checkpoints, metrics and DIR/hf go (resumes if present)")
     args = parser.parse_args(rest)
+    cfg = _config(args.config, overrides)
     from toyjax.bert import adapt
 
-    adapt.run(_config(args.config, overrides), args.workdir)
+    adapt.run(cfg, args.workdir)
 
 
 def cmd_compare(argv: list[str]) -> None:
@@ -149,9 +151,9 @@ def cmd_sweep(argv: list[str]) -> None:
     parser.add_argument("--metric", default="ppl", help="the metric to plot (loss, ppl, accuracy, ...)")
     parser.add_argument("--quiet", action="store_true", help="no per-run progress bars or logs")
     args = parser.parse_args(rest)
+    base = _config(args.config, overrides)
     from toyjax import sweep
 
-    base = _config(args.config, overrides)
     points = sweep.expand_points(sweep.parse_grid(args.grid, base), paired=args.zip)
     seeds = sweep.parse_seeds(args.seeds) if args.seeds else [base.train.seed]
     sweep.run_sweep(base, points, args.workdir, seeds=seeds, metric=args.metric, quiet=args.quiet)

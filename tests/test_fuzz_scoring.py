@@ -14,8 +14,8 @@ from toyjax.testing import bigram_logits, bigram_run, tiny_config
 
 # Every model part a fuzzed run can have: top-k attention (here with rotary positions, whose cached keys carry
 # their positions) with the dense FFN, and MoE (with dense attention and learned positions, the defaults), whose
-# capacity binds, so its expert counts matter; its einsum dispatch (the same function as "sort") keeps the
-# unjitted reference forward fast. A dense-only kind would add no code path these two miss (and ~40 s of CI).
+# capacity binds, so its expert counts matter; its einsum dispatch (the same function as "sort") compiles
+# faster. A dense-only kind would add no code path these two miss (and ~40 s of CI).
 KINDS = {
     "topk rotary": {"attention": "topk", "attention_top_k": 3, "positions": "rotary"},
     "moe": {"ffn": "moe", "moe.n_experts": 4, "moe.top_k": 2, "moe.capacity_factor": 0.5,
@@ -81,12 +81,12 @@ def test_cache_after_a_padded_call_equals_the_cache_after_the_real_tokens_alone(
     prefix = jnp.asarray(rng.integers(3, 50, (2, 5)), jnp.int32)
     tokens = jnp.asarray(rng.integers(3, 50, (2, 8)), jnp.int32)
     real = jnp.asarray([3, 8], jnp.int32)
-    _, start = model.apply({"params": params, "cache": init_cache(model, 2, 16)}, prefix, decode=True, mutable=["cache"])
+    decode = jax.jit(lambda cache, x: model.apply({"params": params, "cache": cache}, x, decode=True, mutable=["cache"]))
+    _, start = decode(init_cache(model, 2, 16), prefix)
     _, _, padded = fuzz_scoring.extend_prefixes(model, params, start["cache"], tokens, real)
     for row in range(2):  # reference: feed only the row's real tokens
         cache = jax.tree.map(lambda c: c[row:row + 1], start["cache"])
-        _, alone = model.apply({"params": params, "cache": cache}, tokens[row:row + 1, :int(real[row])], decode=True,
-                               mutable=["cache"])
+        _, alone = decode(cache, tokens[row:row + 1, :int(real[row])])
         assert int(padded["next_position"][row]) == int(alone["cache"]["next_position"][0]) == 5 + int(real[row])
         for block in range(run.config.model.n_layers):
             counts = padded[f"block_{block}"]["ffn"]["expert_counts"][row]
@@ -106,8 +106,8 @@ def test_shared_prefix_log_probs_equal_the_plain_forward_per_window(run):
 
 def test_fuzzer_observations_equal_the_plain_jitted_path(run):
     """Probe scores (bits) and continuation surprisal through Targets.observe, against the same measures computed
-    with evaluate.token_log_probs (the plain windowed path; the test above ties the log-probs to the unjitted
-    reference, too slow here for the MoE's many windows)."""
+    with evaluate.token_log_probs (the plain windowed path; the test above ties the log-probs to the unpadded
+    per-window reference)."""
     stories = fuzz.held_out_stories([run], 12, 0)
     probe_list = [p for p in probes_lib.make_probes(stories, 4) if probes_lib.expressible(run.tokenizer, p)][:4]
     assert len(probe_list) >= 3

@@ -10,17 +10,18 @@ import sys
 from typing import Callable
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Returns the exception types that mean "the input was wrong", imported on demand (they pull in JAX)."""
-    from toyjax.checkpoints import CheckpointError
-    from toyjax.config import ConfigError
-    from toyjax.data.text import CorpusError
-    from toyjax.grammar import GrammarError
-    from toyjax.sample import SamplingError
-    from toyjax.train import NonFiniteLossError
+# The exception types that mean "the input was wrong", by module. An exception of one of them can only have been
+# raised if its module was imported, so only the imported ones are looked up: a config error is then reported
+# without importing JAX.
+USER_ERRORS = {"toyjax.checkpoints": "CheckpointError", "toyjax.config": "ConfigError",
+               "toyjax.data.text": "CorpusError", "toyjax.grammar": "GrammarError",
+               "toyjax.sample": "SamplingError", "toyjax.train": "NonFiniteLossError"}
 
-    return (ConfigError, CorpusError, CheckpointError, GrammarError, NonFiniteLossError, SamplingError,
-            FileNotFoundError)
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Returns the user-error types of the toyjax modules imported so far, and FileNotFoundError."""
+    loaded = [getattr(sys.modules.get(module), name, None) for module, name in USER_ERRORS.items()]
+    return (*[kind for kind in loaded if kind is not None], FileNotFoundError)
 
 
 def one_line(message: object) -> str:

@@ -34,12 +34,13 @@ beam x edits evaluations per depth instead of every combination.
 
 Queries: one query = one (edited text, target model) evaluation; an attack's budget includes its clean
 evaluation (done once per probe and model, shared by the oracles). Confirmation re-scores every break from
-scratch with `plain_token_log_probs` (an unjitted, unbatched forward per window) and is not charged.
+scratch with `plain_token_log_probs` (one unpadded, unbatched forward per window, no cache) and is not charged.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from typing import Callable, Sequence
 
@@ -172,8 +173,14 @@ register_oracle(Oracle(
 # -- target models --------------------------------------------------------------------------------------------
 
 
+@functools.partial(jax.jit, static_argnames=("model",))
+def _window_logits(model, params, tokens):
+    return model.apply({"params": params}, tokens, deterministic=True)
+
+
 def plain_token_log_probs(run: Run, sequences: Sequence[Sequence[int]], **_) -> list[np.ndarray]:
-    """Returns token_log_probs' values from one unjitted, unpadded forward pass per window: the reference path."""
+    """Returns token_log_probs' values from one unpadded, unbatched forward pass per window (no KV cache): the
+    reference path. Jitted whole, one compile per window length (cheaper than compiling each op per length)."""
     if run_grammar(run.config, run.tokenizer) is not None:
         raise ConfigError("fuzz works on runs trained on stories; this run's data has a grammar (structured data)")
     length = run.config.model.max_len
@@ -182,7 +189,7 @@ def plain_token_log_probs(run: Run, sequences: Sequence[Sequence[int]], **_) -> 
         seq = np.asarray(seq, np.int32)
         log_probs = np.zeros(len(seq) - 1)
         for begin, end, first in evaluate.window_plan(len(seq) - 1, length, max(length // 2, 1)):
-            logits = run.model.apply({"params": run.params}, jnp.asarray(seq[None, begin:end]), deterministic=True)
+            logits = _window_logits(run.model, run.params, jnp.asarray(seq[None, begin:end]))
             rows = np.asarray(jax.nn.log_softmax(jnp.asarray(logits[0], jnp.float32)), np.float64)
             log_probs[first:end] = rows[np.arange(end - begin), seq[begin + 1:end + 1]][first - begin:]
         out.append(log_probs)
