@@ -101,12 +101,17 @@ def run_patched(run, corrupted_tokens, corrupted_resid, layer: int, hook: str, e
 
     def one_batch(args):
         batch_indices, batch_changed = args
-        skipped = jnp.broadcast_to(unchanged, (batch_size,) + jnp.shape(unchanged)).astype(jnp.result_type(unchanged))
-        return jax.lax.cond(jnp.any(batch_changed), lambda: jax.vmap(one)(batch_indices).astype(skipped.dtype),
-                            lambda: skipped)
+        return unless_no_ops(jnp.any(batch_changed), batch_size, unchanged, lambda: jax.vmap(one)(batch_indices))
 
     out = jax.lax.map(one_batch, (jax.tree.map(batched, indices), batched(jnp.asarray(changed))))
     return out.reshape((n_batches * batch_size,) + out.shape[2:])[:n]
+
+
+def unless_no_ops(changed, count: int, unchanged, patched_runs) -> jax.Array:
+    """Returns patched_runs() (count metrics) if `changed`, else `unchanged` (the corrupted run's metric) count times
+    without running them: patches that write the value already there leave the corrupted run as it is."""
+    skipped = jnp.broadcast_to(unchanged, (count,) + jnp.shape(unchanged)).astype(jnp.result_type(unchanged))
+    return jax.lax.cond(changed, lambda: patched_runs().astype(skipped.dtype), lambda: skipped)
 
 
 def _changed(clean, corrupted, index: str) -> jax.Array:
@@ -213,14 +218,12 @@ def _patch_causal_suffixes(run, clean, corrupted, corrupted_tokens, corrupted_lo
             indices = positions if index == "position" else (positions, jnp.arange(len(positions)) % n_heads)
             # Where the clean and corrupted activations are equal on the whole chunk (e.g. the shared prefix
             # before an edit) every patch of it is a no-op: its runs are the corrupted run, so they are not run.
-            same = jnp.all(clean[name][:, start:stop] == corrupted[name][:, start:stop])
-            unchanged = jnp.broadcast_to(corrupted_metric, (len(positions),) + jnp.shape(corrupted_metric))
-            pieces.append(jax.lax.cond(
-                same, lambda unchanged=unchanged: unchanged.astype(corrupted_metric.dtype),
-                lambda start=start, indices=indices: run_patched_suffix(
-                    run, corrupted_tokens, corrupted[starts[layer]], corrupted_logits, states[start], layer, name,
-                    edit, indices, metric, start=start, read_position=read_position,
-                    batch_size=batch_size).astype(corrupted_metric.dtype)))
+            changed = jnp.any(clean[name][:, start:stop] != corrupted[name][:, start:stop])
+            pieces.append(unless_no_ops(changed, len(positions), corrupted_metric, lambda start=start, indices=indices:
+                                        run_patched_suffix(run, corrupted_tokens, corrupted[starts[layer]],
+                                                           corrupted_logits, states[start], layer, name, edit, indices,
+                                                           metric, start=start, read_position=read_position,
+                                                           batch_size=batch_size)))
         unread = jnp.broadcast_to(corrupted_metric, ((n_pos - end) * n_heads,) + jnp.shape(corrupted_metric))
         rows.append(jnp.concatenate(pieces + [unread.astype(pieces[0].dtype)]))
     patched = jnp.stack(rows)
