@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -113,14 +111,7 @@ class Decoder(nn.Module):
 
 
 def init_params(model: Decoder, seed: int = 0):
-    """Returns freshly initialised params of model (its shapes at model.cfg.max_len), drawn from jax.random.key(seed).
-
-    Jitted, with the seed traced: one compile per model, not one per op and seed."""
-    return _init_params(model, seed)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _init_params(model: Decoder, seed):
+    """Returns freshly initialised params of model (its shapes at model.cfg.max_len), drawn from jax.random.key(seed)."""
     cfg = model.cfg
     dummy = jnp.zeros((1, cfg.max_len), jnp.int32)
     features = None
