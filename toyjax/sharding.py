@@ -212,12 +212,10 @@ def jit_eval_step(eval_step: Callable, layout: Layout | None) -> Callable:
 
 
 def init_state(init_params: Callable[[], Any], tx, layout: Layout | None):
-    """Returns (params, opt_state), created directly in their shardings (no device holds a full copy first).
-
-    Jitted on one device too: one compile of the whole initialiser instead of one per op (seconds at start-up)."""
+    """Returns (params, opt_state), created directly in their shardings (no device holds a full copy first)."""
     if layout is None:
-        params = jax.jit(init_params)()
-        return params, jax.jit(tx.init)(params)
+        params = init_params()
+        return params, tx.init(params)
     params = jax.jit(init_params, out_shardings=layout.params)()
     return params, jax.jit(tx.init, in_shardings=(layout.params,), out_shardings=layout.opt_state)(params)
 
