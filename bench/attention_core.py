@@ -1,18 +1,22 @@
 """The dense attention core of a train step (q·kᵀ, causal mask, softmax, ·v), forward + backward, in several forms.
 
     .venv/bin/python bench/attention_core.py                 # config a's shape and config b's (bench/train_throughput.py)
-    .venv/bin/python bench/attention_core.py --rounds 40
+    .venv/bin/python bench/attention_core.py --rounds 40 --shapes a
+    .venv/bin/python bench/attention_core.py --train-step a  # whole train steps: toyjax's form vs bias-mask, alternating
     .venv/bin/python bench/attention_core.py --quick         # small shapes, a few seconds
 
 Forms, all causal, gradients checked against toyjax's to 1e-3 before timing:
-  toyjax          toyjax.models.attention.attention_weights + ·v (scale on q, the mask an added -inf bias)
-  where-mask      the previous form: scores scaled after q·kᵀ, masked with `where`, jax.nn.softmax
-  heads-major     toyjax's form on [batch, heads, length, head_dim] (transposed in and out)
+  toyjax          toyjax.models.attention.attention_weights + ·v (scores scaled after q·kᵀ, `where` mask,
+                  jax.nn.softmax)
+  bias-mask       the scale on q, the mask an added -inf bias, softmax with the row max held constant
+  heads-major     bias-mask on [batch, heads, length, head_dim] (transposed in and out)
   recompute-vjp   a custom VJP keeping only the output and the row log-sum-exp; the backward recomputes the
                   probabilities (flash attention's backward, one block)
   jax-sdpa        jax.nn.dot_product_attention (XLA implementation)
   torch-sdpa      torch.nn.functional.scaled_dot_product_attention (a fused CPU kernel), when torch is installed
 Times: the median over interleaved rounds (wall clock, 2 threads for torch), ratios to the toyjax form.
+--train-step: bench/train_throughput.py's config trained with the "dense" kind and with bias-mask registered as a
+kind, the two alternating (4 steps a round); prints the median step time of each and their ratio.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from toyjax.models import registry
 from toyjax.models.attention import attention_weights, causal_mask
 
 SHAPES = {"a": (32, 128, 4, 32), "b": (16, 256, 8, 32)}  # batch, length, heads, head_dim of train_throughput's configs
@@ -33,10 +38,21 @@ def toyjax_form(q, k, v):
     return jnp.einsum("bhqk,bkhd->bqhd", attention_weights(q, k), v)
 
 
-def where_mask_form(q, k, v):
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * q.shape[-1] ** -0.5
-    scores = jnp.where(causal_mask(q.shape[1], k.shape[1]), scores, -jnp.inf)
-    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
+def bias_mask_weights(q, k):
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q * q.shape[-1] ** -0.5, k, preferred_element_type=jnp.float32)
+    scores = scores + jnp.where(causal_mask(q.shape[1], k.shape[1]), 0.0, -jnp.inf)
+    weights = jnp.exp(scores - jax.lax.stop_gradient(scores.max(-1, keepdims=True)))
+    return weights / weights.sum(-1, keepdims=True)
+
+
+def bias_mask_form(q, k, v):
+    return jnp.einsum("bhqk,bkhd->bqhd", bias_mask_weights(q, k), v)
+
+
+@registry.register_attention("bench_bias_mask")
+def _bias_mask_kind(q, k, v, *, causal, cfg, hook=None):
+    weights = bias_mask_weights(q, k)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v), {"attention_weights": weights}
 
 
 def heads_major_form(q, k, v):
@@ -82,7 +98,7 @@ def jax_sdpa_form(q, k, v):
     return jax.nn.dot_product_attention(q, k, v, is_causal=True)
 
 
-FORMS = {"toyjax": toyjax_form, "where-mask": where_mask_form, "heads-major": heads_major_form,
+FORMS = {"toyjax": toyjax_form, "bias-mask": bias_mask_form, "heads-major": heads_major_form,
          "recompute-vjp": recompute_vjp_form, "jax-sdpa": jax_sdpa_form}
 
 
@@ -114,15 +130,43 @@ def timed_steps(shape):
     return steps
 
 
+def compare_train_steps(config: str, rounds: int) -> None:
+    """Prints the median train-step time of config with the "dense" kind and with bench_bias_mask, alternating."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("train_throughput", Path(__file__).with_name("train_throughput.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    runners = {}
+    for kind in ("dense", "bench_bias_mask"):
+        cfg, _ = bench.make_config(config, kind)
+        runners[kind] = bench.JaxRunner(cfg, bench.synthetic_batches(cfg, 4))
+        runners[kind].run(2)  # compile
+    times = {kind: [] for kind in runners}
+    for i in range(rounds):
+        for kind in (list(runners) if i % 2 == 0 else list(runners)[::-1]):
+            start = time.perf_counter()
+            runners[kind].run(4)
+            times[kind].append((time.perf_counter() - start) / 4)
+    for kind, ts in times.items():
+        print(f"config {config}, {kind:16s} median {1e3 * np.median(ts):8.1f} ms/step (min {1e3 * min(ts):.1f})")
+    print(f"bias-mask / toyjax: {np.median(times['bench_bias_mask']) / np.median(times['dense']):.3f} (median), "
+          f"{min(times['bench_bias_mask']) / min(times['dense']):.3f} (min)")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=25)
     parser.add_argument("--shapes", default="a,b", help="comma-separated subset of: " + ",".join(SHAPES))
+    parser.add_argument("--train-step", choices=sorted(SHAPES), help="time whole train steps of this config instead")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     unknown = [s for s in args.shapes.split(",") if s not in SHAPES]
     if unknown:
         parser.error(f"unknown shape(s) {unknown}; choose from {sorted(SHAPES)}")
+    if args.train_step:
+        return compare_train_steps(args.train_step, args.rounds)
     shapes = {"quick": (2, 32, 2, 16)} if args.quick else {s: SHAPES[s] for s in args.shapes.split(",")}
     for label, shape in shapes.items():
         steps = timed_steps(shape)

@@ -14,29 +14,16 @@ def causal_mask(q_len: int, k_len: int) -> jax.Array:
     return jnp.arange(k_len)[None, :] <= jnp.arange(q_len)[:, None] + (k_len - q_len)
 
 
-def masked_scores(q, k, visible) -> jax.Array:
-    """Returns q·kᵀ/√d [batch, heads, q_len, k_len] in float32, -inf where `visible` (broadcast to it) is False.
-
-    The scale goes on q and the mask is an added 0 / -inf bias: fewer passes over the [q, k] scores than scaling
-    them and selecting with `where`, forward and backward (measured in docs/benchmarks_cpu_breakdown.md).
-    """
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q * q.shape[-1] ** -0.5, k, preferred_element_type=jnp.float32)
-    return scores if visible is None else scores + jnp.where(visible, 0.0, -jnp.inf)
-
-
-def softmax(scores) -> jax.Array:
-    """Returns the softmax over the last axis (the row max is a constant for the gradient, as in jax.nn.softmax)."""
-    exp = jnp.exp(scores - jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True)))
-    return exp / exp.sum(axis=-1, keepdims=True)
-
-
 def attention_weights(q, k, *, causal: bool = True, hook=no_hook) -> jax.Array:
     """Returns softmax attention probabilities [batch, heads, q_len, k_len] in float32.
 
     hook(name, x) sees (and may rewrite) the masked scores ("attn_scores") and the probabilities ("pattern").
     """
-    scores = masked_scores(q, k, causal_mask(q.shape[1], k.shape[1]) if causal else None)
-    return hook("pattern", softmax(hook("attn_scores", scores)))
+    scale = q.shape[-1] ** -0.5
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    if causal:
+        scores = jnp.where(causal_mask(q.shape[1], k.shape[1]), scores, -jnp.inf)
+    return hook("pattern", jax.nn.softmax(hook("attn_scores", scores), axis=-1))
 
 
 def dense_attention(q, k, v, *, causal: bool = True, return_weights: bool = False, hook=no_hook):
@@ -64,7 +51,10 @@ def attend_to_cache(q, cached_k, cached_v, query_positions, *, return_weights: b
     heads, head_dim] with the key of position j in slot j. A query at position p sees slots <= p, so its output is
     its row of dense_attention over the full sequence (slots after p may hold anything).
     """
-    weights = softmax(masked_scores(q, cached_k, visible_cache_slots(query_positions, cached_k.shape[1])[:, None]))
+    scale = q.shape[-1] ** -0.5
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, cached_k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(visible_cache_slots(query_positions, cached_k.shape[1])[:, None], scores, -jnp.inf)
+    weights = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(cached_v.dtype), cached_v)
     return (out, weights) if return_weights else out
 
