@@ -54,7 +54,7 @@ def cmd_train(argv: list[str]) -> None:
     parser.add_argument("--num-processes", type=int, help="multi-process: how many (default $JAX_NUM_PROCESSES)")
     parser.add_argument("--process-id", type=int, help="multi-process: this one's rank (default $JAX_PROCESS_ID)")
     args = parser.parse_args(rest)
-    cfg = _config(args.config, overrides)  # before importing JAX: a bad config is reported at once
+    cfg = _config(args.config, overrides)  # before the trainer, optax and orbax: a bad config is reported at once
     from toyjax import sharding, train
 
     sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)

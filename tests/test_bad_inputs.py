@@ -95,3 +95,15 @@ def test_every_bad_input_is_one_error_line(trained_run, tmp_path):
     assert not work.exists(), "a run that never started left its workdir behind"
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     assert (tmp_path / "a_file").read_text() == "not a directory\n"
+
+
+def test_a_bad_config_is_reported_before_the_training_stack_is_imported():
+    code = ("import sys, launch\n"
+            "status = launch.main(['train', '--config', 'experiments/configs/quickstart.py', '--workdir', 'unused',\n"
+            "                      '--config.model.n_heads=3'])\n"
+            "print(status, sorted(m for m in ('toyjax.train', 'toyjax.checkpoints', 'optax', 'orbax.checkpoint')\n"
+            "                     if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.stdout.split("\n")[0] == "1 []", out.stdout + out.stderr
+    assert out.stderr.strip() == "error: model.n_heads=3 must divide model.d_model=128"
+    assert not (ROOT / "unused").exists()

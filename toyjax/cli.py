@@ -11,8 +11,8 @@ from typing import Callable
 
 
 # The exception types that mean "the input was wrong", by module. An exception of one of them can only have been
-# raised if its module was imported, so only the imported ones are looked up: a config error is then reported
-# without importing JAX.
+# raised if its module was imported, so only the imported ones are looked up: a bad config is then reported
+# without importing the trainer, optax or orbax (launch.py validates the config before it imports them).
 USER_ERRORS = {"toyjax.checkpoints": "CheckpointError", "toyjax.config": "ConfigError",
                "toyjax.data.text": "CorpusError", "toyjax.grammar": "GrammarError",
                "toyjax.sample": "SamplingError", "toyjax.train": "NonFiniteLossError"}
