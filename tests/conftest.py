@@ -1,4 +1,5 @@
-"""Shared test paths, the browser fixture and the session's compilation cache. toyjax itself comes from the installed package (`pip install -e .`), not from sys.path edits."""
+"""Shared test paths, the browser fixture and the session's compilation cache. toyjax itself comes from the
+installed package (`pip install -e .`), not from sys.path edits."""
 
 import contextlib
 import os
