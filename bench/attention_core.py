@@ -132,12 +132,8 @@ def timed_steps(shape):
 
 def compare_train_steps(config: str, rounds: int) -> None:
     """Prints the median train-step time of config with the "dense" kind and with bench_bias_mask, alternating."""
-    import importlib.util
-    from pathlib import Path
+    import train_throughput as bench  # the sibling script (run as python bench/...)
 
-    spec = importlib.util.spec_from_file_location("train_throughput", Path(__file__).with_name("train_throughput.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     runners = {}
     for kind in ("dense", "bench_bias_mask"):
         cfg, _ = bench.make_config(config, kind)

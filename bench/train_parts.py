@@ -16,9 +16,7 @@ difference column is how much of the step gap the part accounts for.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import time
-from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -30,12 +28,7 @@ from toyjax.models.decoder import SelfAttention
 from toyjax.models.ffn import DenseFFN
 from toyjax.train import first_max_index, make_optimizer
 
-
-def load_throughput_bench():
-    spec = importlib.util.spec_from_file_location("train_throughput", Path(__file__).with_name("train_throughput.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+import train_throughput  # the sibling script (run as python bench/...)
 
 
 def jax_parts(cfg, batch: int):
@@ -125,8 +118,7 @@ def torch_parts(cfg, batch: int):
         (embedding[ids] * x.detach()).sum().backward()
         embedding.grad = None
 
-    bench = load_throughput_bench()
-    model, optimizer, _ = bench.build_torch(m, cfg.train)
+    model, optimizer, _ = train_throughput.build_torch(m, cfg.train)
     for p in model.parameters():
         p.grad = torch.full_like(p, 1e-3)
 
@@ -150,13 +142,12 @@ def main():
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="config a at a quarter of its batch, 3 rounds")
     args = parser.parse_args()
-    bench = load_throughput_bench()
     names = args.configs.split(",")
-    unknown = [n for n in names if n not in bench.CONFIGS]
+    unknown = [n for n in names if n not in train_throughput.CONFIGS]
     if unknown:
-        parser.error(f"unknown config(s) {unknown}; choose from {sorted(bench.CONFIGS)}")
+        parser.error(f"unknown config(s) {unknown}; choose from {sorted(train_throughput.CONFIGS)}")
     for name in (["a"] if args.quick else names):
-        cfg, batch = bench.make_config(name, "dense")
+        cfg, batch = train_throughput.make_config(name, "dense")
         batch = batch // 4 if args.quick else batch
         ours, theirs = jax_parts(cfg, batch), torch_parts(cfg, batch)
         times = {part: ([], []) for part in ours}
